@@ -1,0 +1,140 @@
+"""PyTorch implementation of the PSFT objective (PSFT_SPEC.md sections 1, 3 and 4).
+
+Shapes: ``B`` sequences, ``T`` positions, ``V`` vocabulary entries. Log-probs are float32 nats.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from psft_plugin.spec import LOG_RATIO_CLAMP, check_hyperparameters
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """``[B, T, V]`` logits and aligned ``[B, T]`` targets -> ``[B, T]`` float32 log-probs.
+
+    Uses logsumexp + gather, so autograd keeps no second ``[B, T, V]`` tensor (log_softmax
+    would save its whole output). Ignored positions give 0.
+    """
+    if logits.dim() != 3 or targets.shape != logits.shape[:2]:
+        raise ValueError(f"logits must be [B, T, V] and targets [B, T]; got {tuple(logits.shape)}, {tuple(targets.shape)}")
+    logits = logits.float()
+    ignored = targets == ignore_index
+    picked = logits.gather(-1, targets.masked_fill(ignored, 0).unsqueeze(-1)).squeeze(-1)
+    return (picked - torch.logsumexp(logits, dim=-1)).masked_fill(ignored, 0.0)
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each position's predictive distribution: ``[B, T, V] -> [B, T]`` float32."""
+    logits = logits.float()
+    logz = torch.logsumexp(logits, dim=-1, keepdim=True)
+    return (logz - (torch.softmax(logits, dim=-1) * logits).sum(-1, keepdim=True)).squeeze(-1)
+
+
+def aggregate_weights(mask: torch.Tensor, agg: str, num_tokens: Optional[float]) -> torch.Tensor:
+    """Per-token weights whose dot product with the token losses is the aggregated loss.
+
+    Same definition as :func:`psft_plugin.spec.aggregate_weights`: ``num_tokens`` overrides the
+    final denominator (tokens for ``token-mean``, non-empty sequences otherwise); a zero
+    denominator gives zero weights.
+    """
+    if agg == "token-mean":
+        denom = mask.sum() if num_tokens is None else torch.as_tensor(float(num_tokens), device=mask.device)
+        return mask / denom.clamp(min=1e-30) * (denom > 0)
+    row_tokens = mask.sum(dim=1, keepdim=True)
+    rows = (row_tokens > 0).sum() if num_tokens is None else torch.as_tensor(float(num_tokens), device=mask.device)
+    per_row = mask / row_tokens.clamp(min=1.0) if agg == "seq-mean-token-mean" else mask
+    return per_row / rows.clamp(min=1e-30) * (rows > 0)
+
+
+def _check_shapes(logp: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be [B, T]; got shape {tuple(logp.shape)}")
+    for name, value in others.items():
+        if value is not None and value.shape != logp.shape:
+            raise ValueError(f"{name} has shape {tuple(value.shape)}, expected logp's shape {tuple(logp.shape)}")
+
+
+def psft_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.28,
+    advantages: Optional[torch.Tensor] = None,
+    agg: str = "token-mean",
+    num_tokens: Optional[float] = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PSFT loss (0-dim, differentiable in ``logp``) and detached metrics.
+
+    ``logp``, ``old_logp``, ``mask`` and ``advantages`` are ``[B, T]``; ``old_logp`` gets no
+    gradient. Metrics are means over this call's response tokens (``tokens`` is their count).
+    """
+    check_hyperparameters(epsilon_low, epsilon_high, agg, num_tokens)
+    _check_shapes(logp, old_logp=old_logp, mask=mask, advantages=advantages)
+    mask = mask.to(logp.dtype)
+    adv = torch.ones_like(logp) if advantages is None else advantages.to(logp.dtype)
+    ratio = torch.exp(torch.clamp(logp - old_logp.detach(), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+    loss = (aggregate_weights(mask, agg, num_tokens) * torch.maximum(unclipped, clipped)).sum()
+    return loss, _metrics(mask, ratio.detach(), clipped.detach() > unclipped.detach(), logp.detach(), old_logp.detach())
+
+
+def _metrics(mask, ratio, clip_binds, logp, old_logp) -> dict[str, torch.Tensor]:
+    tokens = mask.sum()
+    denom = tokens.clamp(min=1.0)
+    on = mask > 0
+    one = torch.ones((), device=mask.device)
+    return {
+        "clipfrac": (clip_binds * mask).sum() / denom,
+        "ratio_mean": torch.where(tokens > 0, (ratio * mask).sum() / denom, one),
+        "ratio_min": torch.where(on, ratio, torch.full_like(ratio, float("inf"))).amin().where(tokens > 0, one),
+        "ratio_max": torch.where(on, ratio, torch.full_like(ratio, float("-inf"))).amax().where(tokens > 0, one),
+        "approx_kl": ((old_logp - logp) * mask).sum() / denom,
+        "nll": (-logp * mask).sum() / denom,
+        "tokens": tokens,
+    }
+
+
+def psft_ce_weights(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    *,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.28,
+    advantages: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Detached ``[B, T]`` weights ``w`` with ``grad(sum(c * w * ce)) == grad(psft_loss)``.
+
+    ``ce = -logp`` per token and ``c`` the aggregation weights. This is the weighted-CE form of
+    PSFT_SPEC.md section 1: any kernel returning per-token CE with gradient can train PSFT.
+    """
+    logp, old_logp = logp.detach(), old_logp.detach()
+    adv = torch.ones_like(logp) if advantages is None else advantages.to(logp.dtype)
+    raw = logp - old_logp
+    ratio = torch.exp(raw.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    clip_binds = -adv * ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high) > -adv * ratio
+    active = ~clip_binds & (raw.abs() <= LOG_RATIO_CLAMP)
+    return adv * ratio * active
+
+
+def ce_loss(
+    logp: torch.Tensor,
+    old_logp: Optional[torch.Tensor],
+    mask: torch.Tensor,
+    *,
+    agg: str = "token-mean",
+    num_tokens: Optional[float] = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Plain cross-entropy ``-logp`` aggregated like PSFT; ``old_logp`` is ignored."""
+    check_hyperparameters(0.0, 0.0, agg, num_tokens)
+    _check_shapes(logp, mask=mask)
+    mask = mask.to(logp.dtype)
+    tokens = mask.sum()
+    loss = (aggregate_weights(mask, agg, num_tokens) * -logp).sum()
+    return loss, {"nll": (-logp.detach() * mask).sum() / tokens.clamp(min=1.0), "tokens": tokens}

@@ -1,0 +1,66 @@
+"""The built-in objectives, registered as pluggy hook implementations.
+
+``ce`` and ``psft`` live in their own plugin objects so that each can be declared under its own
+name in the ``psft_plugin.objectives`` entry-point group, like any third-party objective.
+"""
+
+from __future__ import annotations
+
+from psft_plugin.hookspecs import hookimpl
+from psft_plugin.objective import Objective
+from psft_plugin.options import Option
+from psft_plugin.spec import AGGREGATIONS
+
+AGGREGATION_OPTION = Option(
+    "psft_loss_agg", "token-mean", "how per-token losses are averaged over the optimizer step",
+    loss_arg="agg", type=str, choices=AGGREGATIONS,
+)
+
+PSFT_OPTIONS = (
+    Option("psft_epsilon_low", 0.2, "lower clip: ratio floor is 1 - eps (acts only where advantages < 0)",
+           loss_arg="epsilon_low", ge=0.0, lt=1.0),
+    Option("psft_epsilon_high", 0.28, "upper clip: ratio ceiling is 1 + eps", loss_arg="epsilon_high", ge=0.0),
+    Option("psft_refresh_steps", 8, "optimizer steps per old-policy refresh (K); 1 makes PSFT equal SFT",
+           type=int, ge=1),
+    Option("psft_warmup_steps", 0, "plain SFT optimizer steps before PSFT starts", type=int, ge=0),
+    AGGREGATION_OPTION,
+)
+
+CE = Objective(
+    name="ce",
+    description="plain cross-entropy (SFT), averaged over the optimizer step's response tokens",
+    implementations={
+        "numpy": "psft_plugin.spec:ce_loss",
+        "torch": "psft_torch.loss:ce_loss",
+        "mlx": "psft_mlx.loss:ce_loss",
+    },
+    options=(AGGREGATION_OPTION,),
+)
+
+PSFT = Objective(
+    name="psft",
+    description="Proximal SFT: clipped importance ratio against an old policy refreshed every K steps",
+    implementations={
+        "numpy": "psft_plugin.spec:psft_loss",
+        "torch": "psft_torch.loss:psft_loss",
+        "mlx": "psft_mlx.loss:psft_loss",
+    },
+    options=PSFT_OPTIONS,
+    uses_old_policy=True,
+)
+
+
+class _Provides:
+    """A plugin object answering ``psft_plugin_objectives`` with one objective."""
+
+    def __init__(self, objective: Objective):
+        self.objective = objective
+
+    @hookimpl
+    def psft_plugin_objectives(self) -> list[Objective]:
+        return [self.objective]
+
+
+ce = _Provides(CE)
+psft = _Provides(PSFT)
+BUILTIN_PLUGINS = {"ce": ce, "psft": psft}

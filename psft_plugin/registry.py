@@ -1,0 +1,104 @@
+"""The objective registry: a pluggy plugin manager that hosts query by objective name.
+
+Built-in objectives are registered directly; third-party ones come from the entry-point group
+``psft_plugin.objectives`` (the built-ins are declared there too, and are not loaded twice).
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import metadata
+from typing import Optional
+
+import pluggy
+
+from psft_plugin import hookspecs
+from psft_plugin.objective import Objective
+from psft_plugin.objectives import BUILTIN_PLUGINS
+from psft_plugin.options import suggest
+
+ENTRY_POINT_GROUP = "psft_plugin.objectives"
+
+
+class UnknownObjectiveError(KeyError):
+    """``loss:`` names an objective nobody registered."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0])
+
+
+class ObjectivePluginError(ImportError):
+    """A plugin in the entry-point group failed to import or declared a clashing objective."""
+
+
+def make_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
+    """A plugin manager with the hook specs, the built-ins and (optionally) the entry points."""
+    manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    manager.add_hookspecs(hookspecs)
+    for name, plugin in BUILTIN_PLUGINS.items():
+        manager.register(plugin, name=name)
+    if load_entry_points:
+        _load_entry_points(manager)
+    manager.check_pending()
+    return manager
+
+
+def _load_entry_points(manager: pluggy.PluginManager) -> None:
+    """Register every plugin of the entry-point group, naming the culprit when one fails."""
+    for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if manager.get_plugin(entry_point.name) is not None:
+            continue
+        dist = entry_point.dist.name if entry_point.dist else "unknown distribution"
+        try:
+            plugin = entry_point.load()
+        except Exception as error:
+            raise ObjectivePluginError(
+                f"objective plugin `{entry_point.name} = {entry_point.value}` (from {dist}, entry-point "
+                f"group {ENTRY_POINT_GROUP}) failed to import: {error!r}. Fix or uninstall {dist}."
+            ) from error
+        manager.register(plugin, name=entry_point.name)
+
+
+class ObjectiveRegistry:
+    """Objectives by name, gathered from every registered plugin."""
+
+    def __init__(self, manager: pluggy.PluginManager):
+        self.manager = manager
+        self._objectives: dict[str, Objective] = {}
+        for provided in manager.hook.psft_plugin_objectives():
+            for objective in provided:
+                if objective.name in self._objectives:
+                    raise ObjectivePluginError(
+                        f"objective name `{objective.name}` is registered twice; rename one of the plugins' objectives"
+                    )
+                self._objectives[objective.name] = objective
+
+    def names(self) -> list[str]:
+        """Registered objective names, sorted."""
+        return sorted(self._objectives)
+
+    def get(self, name: str) -> Objective:
+        """The objective called ``name``; raises :class:`UnknownObjectiveError` listing the known ones."""
+        try:
+            return self._objectives[name]
+        except KeyError:
+            raise UnknownObjectiveError(
+                f"unknown objective `loss: {name}`{suggest(str(name), self._objectives)}; registered "
+                f"objectives: {', '.join(self.names())}. Third-party objectives are installed through "
+                f"the `{ENTRY_POINT_GROUP}` entry-point group."
+            ) from None
+
+    def option_keys(self) -> set[str]:
+        """Every YAML key declared by any registered objective."""
+        return {option.key for objective in self._objectives.values() for option in objective.options}
+
+
+@functools.lru_cache(maxsize=1)
+def default_registry() -> ObjectiveRegistry:
+    """The process-wide registry (built-ins plus installed entry points), built once."""
+    return ObjectiveRegistry(make_plugin_manager())
+
+
+def get_objective(name: str, registry: Optional[ObjectiveRegistry] = None) -> Objective:
+    """Look an objective up by name in ``registry`` (default: the process-wide one)."""
+    return (registry or default_registry()).get(name)

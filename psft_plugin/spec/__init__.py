@@ -1,0 +1,27 @@
+"""The PSFT objective written once, in NumPy: the reference every backend reproduces."""
+
+from psft_plugin.spec.reference import (
+    AGGREGATIONS,
+    LOG_RATIO_CLAMP,
+    METRIC_NAMES,
+    aggregate_weights,
+    ce_loss,
+    check_hyperparameters,
+    psft_loss,
+    psft_loss_and_grad,
+    token_entropy,
+    token_logprobs,
+)
+
+__all__ = [
+    "AGGREGATIONS",
+    "LOG_RATIO_CLAMP",
+    "METRIC_NAMES",
+    "aggregate_weights",
+    "ce_loss",
+    "check_hyperparameters",
+    "psft_loss",
+    "psft_loss_and_grad",
+    "token_entropy",
+    "token_logprobs",
+]

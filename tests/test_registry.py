@@ -1,0 +1,104 @@
+"""The pluggy objective registry: built-ins, entry-point discovery, clear errors."""
+
+import sys
+import textwrap
+
+import pytest
+
+from psft_plugin import ConfigError, UnknownObjectiveError, get_objective
+from psft_plugin.registry import ENTRY_POINT_GROUP, ObjectivePluginError, ObjectiveRegistry, make_plugin_manager
+
+
+def test_builtins_are_registered_and_loadable_per_backend():
+    registry = ObjectiveRegistry(make_plugin_manager(load_entry_points=False))
+    assert registry.names() == ["ce", "psft"]
+    psft = registry.get("psft")
+    assert psft.uses_old_policy and not registry.get("ce").uses_old_policy
+    from psft_plugin.spec import psft_loss
+
+    assert psft.loss_fn("numpy") is psft_loss
+    assert {"psft_epsilon_low", "psft_refresh_steps", "psft_loss_agg"} <= registry.option_keys()
+
+
+def test_builtins_are_declared_in_the_entry_point_group():
+    from importlib import metadata
+
+    names = {ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    assert {"ce", "psft"} <= names
+    assert get_objective("psft").name == "psft"  # loading the group does not register them twice
+
+
+def test_unknown_objective_lists_the_registered_ones():
+    with pytest.raises(UnknownObjectiveError) as error:
+        get_objective("pfst")
+    message = str(error.value)
+    assert "did you mean `psft`" in message and "ce, psft" in message and ENTRY_POINT_GROUP in message
+
+
+def test_options_resolve_with_defaults_and_report_every_problem():
+    psft = get_objective("psft")
+    resolved = psft.resolve({"psft_epsilon_high": 0.3})
+    assert resolved == {"psft_epsilon_low": 0.2, "psft_epsilon_high": 0.3, "psft_refresh_steps": 8,
+                        "psft_warmup_steps": 0, "psft_loss_agg": "token-mean"}
+    assert psft.loss_kwargs(resolved) == {"epsilon_low": 0.2, "epsilon_high": 0.3, "agg": "token-mean"}
+    with pytest.raises(ConfigError) as error:
+        psft.resolve({"psft_epsilon_low": 1.5, "psft_refresh_steps": 0, "psft_loss_agg": "sum"})
+    assert len(error.value.problems) == 3
+    assert "psft_epsilon_low" in str(error.value) and "psft_refresh_steps" in str(error.value)
+
+
+def _install_toy_distribution(root, entry_point: str, module_source: str) -> None:
+    (root / "toy_objective.py").write_text(textwrap.dedent(module_source))
+    info = root / "toy_objective-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-objective\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\n{entry_point}\n")
+
+
+TOY_SOURCE = """
+    from psft_plugin import Objective, hookimpl
+
+    def doubled_ce(logp, old_logp, mask, *, num_tokens=None):
+        tokens = mask.sum()
+        return float((-2 * logp * mask).sum() / tokens), {"tokens": float(tokens)}
+
+    @hookimpl
+    def psft_plugin_objectives():
+        return [Objective(name="toy", description="twice the CE",
+                          implementations={"numpy": "toy_objective:doubled_ce"})]
+"""
+
+
+def test_third_party_objective_is_found_through_its_entry_point(tmp_path, monkeypatch):
+    _install_toy_distribution(tmp_path, "toy = toy_objective", TOY_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        registry = ObjectiveRegistry(make_plugin_manager())
+        toy = registry.get("toy")
+        import numpy as np
+
+        loss, _ = toy.loss_fn("numpy")(np.log(np.array([[0.5]])), None, np.ones((1, 1)))
+        assert loss == pytest.approx(-2 * np.log(0.5))
+        with pytest.raises(NotImplementedError, match="no `torch` implementation"):
+            toy.loss_fn("torch")
+    finally:
+        sys.modules.pop("toy_objective", None)
+
+
+def test_a_plugin_that_fails_to_import_is_named(tmp_path, monkeypatch):
+    _install_toy_distribution(tmp_path, "toy = toy_objective", "import not_a_real_module_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ObjectivePluginError, match=r"toy = toy_objective.*toy-objective"):
+        make_plugin_manager()
+    sys.modules.pop("toy_objective", None)
+
+
+def test_duplicate_objective_names_are_rejected(tmp_path, monkeypatch):
+    source = TOY_SOURCE.replace('name="toy"', 'name="psft"')
+    _install_toy_distribution(tmp_path, "toy = toy_objective", source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(ObjectivePluginError, match="`psft` is registered twice"):
+            ObjectiveRegistry(make_plugin_manager())
+    finally:
+        sys.modules.pop("toy_objective", None)
