@@ -60,7 +60,7 @@ class Option:
     def bounds_text(self) -> str:
         """Human-readable range, for docs: e.g. ``[0, 1)``."""
         if self.choices:
-            return " | ".join(self.choices)
+            return ", ".join(f"`{choice}`" for choice in self.choices)
         low = f"[{self.ge}" if self.ge is not None else (f"({self.gt}" if self.gt is not None else "(-inf")
         high = f"{self.lt})" if self.lt is not None else "inf)"
         return f"{low}, {high}"
@@ -113,3 +113,10 @@ def unknown_keys(keys: Iterable[str], known: Iterable[str], prefix: str = "") ->
 def loss_kwargs(options: Sequence[Option], resolved: Mapping[str, Any]) -> dict[str, Any]:
     """The keyword arguments the backend loss takes from ``resolved`` option values."""
     return {o.loss_arg: resolved[o.key] for o in options if o.loss_arg is not None}
+
+
+def markdown_table(options: Sequence[Option]) -> str:
+    """The README's configuration table, generated from the declarations."""
+    rows = ["| key | default | range | meaning |", "|---|---|---|---|"]
+    rows += [f"| `{o.key}` | `{o.default}` | {o.bounds_text()} | {o.help} |" for o in options]
+    return "\n".join(rows)
