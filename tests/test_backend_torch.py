@@ -45,7 +45,7 @@ def test_weighted_ce_form_has_the_same_gradient():
     torch.testing.assert_close(weighted.grad, direct.grad, rtol=0, atol=1e-7)
 
 
-def test_token_logprobs_gradient_keeps_no_log_softmax_copy():
+def test_token_logprobs_gradient_keeps_no_second_full_tensor():
     """Autograd saves only the logits and [B, T] tensors, not a second [B, T, V] float32 one."""
     logits = torch.randn(2, 8, 1000, requires_grad=True)
     targets = torch.randint(0, 1000, (2, 8))
@@ -68,3 +68,23 @@ def test_entropy_and_ce_loss():
     loss, metrics = psft_torch.ce_loss(logp, None, torch.tensor([[1.0, 1.0, 0.0]]))
     assert loss.item() == pytest.approx(-(np.log(0.5) + np.log(0.25)) / 2)
     assert metrics["nll"].item() == pytest.approx(loss.item())
+
+
+def test_token_logprobs_backward_matches_log_softmax_autograd():
+    logits = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([[0, 5, -100, 2], [-100, -100, 1, 3]])
+    weights = torch.randn(2, 4)
+    (psft_torch.token_logprobs(logits, targets) * weights).sum().backward()
+    reference = logits.detach().clone().requires_grad_(True)
+    expected = torch.log_softmax(reference, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    (expected.masked_fill(targets == -100, 0) * weights).sum().backward()
+    torch.testing.assert_close(logits.grad, reference.grad, rtol=0, atol=1e-6)
+    assert (logits.grad[1, :2] == 0).all()  # ignored positions get no gradient
+
+
+def test_token_logprobs_accepts_bfloat16_and_returns_float32_gradients_in_kind():
+    logits = torch.randn(1, 3, 8).bfloat16().requires_grad_(True)
+    logp = psft_torch.token_logprobs(logits, torch.tensor([[1, 2, 3]]))
+    assert logp.dtype == torch.float32
+    logp.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16
