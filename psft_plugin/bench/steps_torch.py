@@ -1,0 +1,110 @@
+"""PSFT vs SFT step time and peak memory on the torch backend (a worker of ``psft_plugin.bench``).
+
+SFT is the plain ``transformers.Trainer`` (the model's own loss); PSFT is
+:class:`psft_torch.trainer.PSFTTrainer` with ``loss: psft``. Both train the same model from the
+same weights on the same batch, alternating (SFT, PSFT, PSFT, SFT, ...), so drift in machine
+speed hits both. A step's time is the interval between consecutive ``on_step_end`` callbacks,
+so PSFT's refresh (stamping in ``get_batch_samples``) is counted in the step it precedes. The
+first window of every run is left out (thread pools, allocator warm-up).
+
+    python -m psft_plugin.bench.steps_torch MODEL_DIR '{"batch_size": 4, ...}'   # prints JSON
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+from psft_plugin.bench.memory import torch_peak_bytes
+from psft_torch.trainer import PSFTTrainer
+
+
+class StepTimer(TrainerCallback):
+    """Wall-clock seconds between consecutive optimizer steps."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+        self.intervals: list[float] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        self.intervals.append(now - self.last)
+        self.last = now
+
+
+def fixed_batch(vocab: int, batch_size: int, seq_len: int, steps: int) -> list[dict[str, torch.Tensor]]:
+    """``steps * batch_size`` copies of one random batch (the prompt's first quarter masked)."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randint(3, vocab, (batch_size, seq_len), generator=generator)
+    labels = rows.clone()
+    labels[:, : seq_len // 4] = -100
+    return [{"input_ids": rows[i % batch_size], "labels": labels[i % batch_size],
+             "attention_mask": torch.ones(seq_len, dtype=torch.long)} for i in range(steps * batch_size)]
+
+
+def _train(model, initial: dict, dataset: list, setup: dict[str, Any], psft: bool, out_dir: str):
+    model.load_state_dict(initial)
+    timer = StepTimer()
+    args = TrainingArguments(output_dir=out_dir, max_steps=setup["refresh_steps"] * setup["windows"],
+                             per_device_train_batch_size=setup["batch_size"], learning_rate=1e-5,
+                             logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True,
+                             disable_tqdm=True, dataloader_num_workers=0, seed=0)
+    kwargs = dict(model=model, args=args, train_dataset=dataset, callbacks=[timer])
+    if psft:
+        trainer = PSFTTrainer(**kwargs, psft_config={"loss": "psft", "psft_refresh_steps": setup["refresh_steps"]})
+    else:
+        trainer = Trainer(**kwargs)
+    peak = torch_peak_bytes(trainer.train)
+    return timer.intervals[setup["refresh_steps"]:], peak
+
+
+def _forward_seconds(model, batch: dict[str, torch.Tensor], repeats: int = 3) -> float:
+    """Median time of one no-grad eval-mode forward (what a refresh costs per micro-batch)."""
+    from psft_torch import token_logprobs
+
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            tic = time.perf_counter()
+            logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+            token_logprobs(logits, batch["labels"][:, 1:])
+            times.append(time.perf_counter() - tic)
+    model.train()
+    return statistics.median(times)
+
+
+def measure(model_dir: str, setup: dict[str, Any]) -> dict[str, Any]:
+    """Step times, forward time and peaks of SFT and PSFT, interleaved over ``setup["rounds"]``."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    steps = setup["refresh_steps"] * setup["windows"]
+    dataset = fixed_batch(model.config.vocab_size, setup["batch_size"], setup["seq_len"], steps)
+    batch = {k: torch.stack([row[k] for row in dataset[: setup["batch_size"]]]) for k in ("input_ids", "labels")}
+    step_times: dict[str, list[float]] = {"sft": [], "psft": []}
+    peaks: dict[str, list[int]] = {"sft": [], "psft": []}
+    forward: list[float] = []
+    with tempfile.TemporaryDirectory() as out_dir:
+        for round_index in range(setup["rounds"]):
+            order = ("sft", "psft") if round_index % 2 == 0 else ("psft", "sft")
+            for mode in order:
+                intervals, peak = _train(model, initial, dataset, setup, mode == "psft", out_dir)
+                step_times[mode] += intervals
+                peaks[mode].append(peak)
+            forward.append(_forward_seconds(model, batch))
+    return {"backend": "torch", "step_seconds": step_times, "peak_bytes": peaks, "forward_seconds": forward}
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(sys.argv[1], json.loads(sys.argv[2]))))
