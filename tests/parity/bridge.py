@@ -44,3 +44,7 @@ def mlx_adamw(learning_rate: float, weight_decay: float, betas=(0.9, 0.999), eps
 
     return optim.AdamW(learning_rate=learning_rate, betas=list(betas), eps=eps, weight_decay=weight_decay,
                        bias_correction=True)
+
+# transformers exempts biases and norm weights from weight decay, mlx's AdamW decays every
+# parameter: the trajectory compares AdamW without decay so the two optimizers are the same map.
+ADAMW_WEIGHT_DECAY = 0.0

@@ -6,8 +6,10 @@ a small factor for other CPUs' summation orders; none is looser than 1e-4, which
 real bugs (a wrong mask or an off-by-one moves these by 1e-2 or more).
 """
 
-LOGPROB_ABS = 2e-5         # per-token log-prob / entropy, nats: two fp32 forwards, different kernels
+LOGPROB_ABS = 1e-5         # per-token log-prob / entropy, nats: two fp32 forwards, different kernels
 LOSS_VS_SPEC_REL = 1e-6    # same inputs through each backend's loss vs the float64 NumPy reference
-GRAD_REL = 2e-5            # per-parameter ||g_torch - g_mlx|| / ||g_torch||: fp32 backward, two libraries
-TRAJECTORY_LOSS_ABS = 2e-5  # per-step objective value over 30+ steps
-TRAJECTORY_WEIGHT_REL = 5e-5  # final weights, per tensor relative: Adam amplifies fp32 noise where v is tiny
+GRAD_REL = 1e-5            # per-parameter ||g_torch - g_mlx|| / ||g_torch||: fp32 backward, two libraries
+TRAJECTORY_LOSS_ABS = 5e-6  # per-step objective value over 30+ steps
+TRAJECTORY_WEIGHT_REL = 5e-5  # final weights, worst tensor's relative error: Adam divides by sqrt(v), which
+#                              amplifies fp32 noise in rarely-updated rows (the whole model is ~2e-6)
+TRAJECTORY_CLIPFRAC_ABS = 1e-6  # one token flipping across a clip edge moves clipfrac by ~1e-2; 1e-6 is rounding
