@@ -1,6 +1,10 @@
-"""Shared test settings: single-threaded, offline, no telemetry, no MLX JIT (see the brief)."""
+"""Shared test settings (single-threaded, offline, no telemetry, no MLX JIT) and the tiny assets."""
 
 import os
+
+import pytest
+
+from psft_plugin.assets import tiny
 
 for key, value in {
     "OMP_NUM_THREADS": "1",
@@ -13,3 +17,9 @@ for key, value in {
     "WANDB_MODE": "disabled",
 }.items():
     os.environ.setdefault(key, value)
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """``(model_dir, data_dir)`` of the offline tiny Llama and its chat data, built once per session."""
+    return tiny.build(tmp_path_factory.mktemp("tiny"))

@@ -1,4 +1,5 @@
-"""Peak-memory probes that work on CPU, where torch has no allocator statistics.
+"""Peak-memory probes that work on CPU (where torch has no allocator statistics), and the
+interleaving shared by the step benchmarks.
 
 torch (CPU): the process's peak resident set (``VmHWM``) is reset through
 ``/proc/self/clear_refs`` before the measured call. Freed buffers must go back to the OS for
@@ -10,7 +11,7 @@ On CUDA the allocator's own peak counter is used instead. MLX: ``mx.get_peak_mem
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import Any, Callable
 
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
 
@@ -47,3 +48,22 @@ def mlx_peak_bytes(fn: Callable[[], object]) -> int:
     base = mx.get_active_memory()
     fn()
     return mx.get_peak_memory() - base
+
+
+def interleaved(rounds: int, train: Callable[[str], tuple[list[float], int]],
+                forward_seconds: Callable[[], float]) -> dict[str, Any]:
+    """Run ``train("sft")`` and ``train("psft")`` alternately (SFT first in even rounds).
+
+    ``train`` returns ``(seconds per step, peak bytes)`` of one run; ``forward_seconds`` times
+    one refresh forward and is called once per round. Returns the raw figures by mode.
+    """
+    step_seconds: dict[str, list[float]] = {"sft": [], "psft": []}
+    peak_bytes: dict[str, list[int]] = {"sft": [], "psft": []}
+    forward: list[float] = []
+    for round_index in range(rounds):
+        for mode in ("sft", "psft") if round_index % 2 == 0 else ("psft", "sft"):
+            seconds, peak = train(mode)
+            step_seconds[mode] += seconds
+            peak_bytes[mode].append(peak)
+        forward.append(forward_seconds())
+    return {"step_seconds": step_seconds, "peak_bytes": peak_bytes, "forward_seconds": forward}

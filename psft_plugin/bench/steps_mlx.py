@@ -24,7 +24,7 @@ from mlx_lm import load
 from psft_mlx.data import to_micro_batch
 from psft_mlx.trainer import LoopArgs, model_logprobs, train
 from psft_plugin import get_objective
-from psft_plugin.bench.memory import mlx_peak_bytes
+from psft_plugin.bench.memory import interleaved, mlx_peak_bytes
 
 
 class WindowTimes:
@@ -84,17 +84,9 @@ def measure(model_dir: str, setup: dict[str, Any]) -> dict[str, Any]:
     model, _ = load(model_dir)
     initial = [(name, mx.array(value)) for name, value in tree_flatten(model.parameters())]
     batch = fixed_batch(model.args.vocab_size, setup["batch_size"], setup["seq_len"])
-    step_times: dict[str, list[float]] = {"sft": [], "psft": []}
-    peaks: dict[str, list[int]] = {"sft": [], "psft": []}
-    forward: list[float] = []
-    for round_index in range(setup["rounds"]):
-        order = ("sft", "psft") if round_index % 2 == 0 else ("psft", "sft")
-        for mode in order:
-            seconds, peak = _train(model, initial, batch, setup, "ce" if mode == "sft" else "psft")
-            step_times[mode] += seconds
-            peaks[mode].append(peak)
-        forward.append(_forward_seconds(model, batch))
-    return {"backend": "mlx", "step_seconds": step_times, "peak_bytes": peaks, "forward_seconds": forward}
+    raw = interleaved(setup["rounds"], lambda mode: _train(model, initial, batch, setup, "ce" if mode == "sft" else "psft"),
+                      lambda: _forward_seconds(model, batch))
+    return {"backend": "mlx", **raw}
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from psft_plugin.bench.memory import torch_peak_bytes
+from psft_plugin.bench.memory import interleaved, torch_peak_bytes
 from psft_torch.trainer import PSFTTrainer
 
 
@@ -92,18 +92,10 @@ def measure(model_dir: str, setup: dict[str, Any]) -> dict[str, Any]:
     steps = setup["refresh_steps"] * setup["windows"]
     dataset = fixed_batch(model.config.vocab_size, setup["batch_size"], setup["seq_len"], steps)
     batch = {k: torch.stack([row[k] for row in dataset[: setup["batch_size"]]]) for k in ("input_ids", "labels")}
-    step_times: dict[str, list[float]] = {"sft": [], "psft": []}
-    peaks: dict[str, list[int]] = {"sft": [], "psft": []}
-    forward: list[float] = []
     with tempfile.TemporaryDirectory() as out_dir:
-        for round_index in range(setup["rounds"]):
-            order = ("sft", "psft") if round_index % 2 == 0 else ("psft", "sft")
-            for mode in order:
-                intervals, peak = _train(model, initial, dataset, setup, mode == "psft", out_dir)
-                step_times[mode] += intervals
-                peaks[mode].append(peak)
-            forward.append(_forward_seconds(model, batch))
-    return {"backend": "torch", "step_seconds": step_times, "peak_bytes": peaks, "forward_seconds": forward}
+        raw = interleaved(setup["rounds"], lambda mode: _train(model, initial, dataset, setup, mode == "psft", out_dir),
+                          lambda: _forward_seconds(model, batch))
+    return {"backend": "torch", **raw}
 
 
 if __name__ == "__main__":

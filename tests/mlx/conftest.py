@@ -10,12 +10,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> tuple[Path, Path]:
-    """``(model_dir, data_dir)`` of the tiny Llama + chat data (built in a subprocess: it needs torch)."""
-    out = tmp_path_factory.mktemp("tiny")
-    subprocess.run([sys.executable, "-m", "psft_plugin.assets.tiny", str(out)], check=True, cwd=ROOT,
-                   capture_output=True)
-    return out / "model", out / "data"
+def tiny(tiny_assets) -> tuple[Path, Path]:
+    """``(model_dir, data_dir)`` of the tiny Llama + chat data (the session's ``tiny_assets``)."""
+    return tiny_assets
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -3,13 +3,10 @@
 import numpy as np
 import pytest
 
-from psft_plugin.assets import tiny
-
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    model_dir, _ = tiny.build(tmp_path_factory.mktemp("parity"))
-    return model_dir
+def tiny_model_dir(tiny_assets):
+    return tiny_assets[0]
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,57 @@
+"""Few-step versions of the main job (the demo) and of the benchmark, through their real CLIs."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SUMMARY_LINE = re.compile(r"^psft/sft step-time ratio=(\d+\.\d+) \(bound (\d+\.\d+)\); peak-mem ratio=(\d+\.\d+)$")
+
+
+def _run(*args: str) -> str:
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done.stdout
+
+
+@pytest.mark.e2e
+def test_bench_quick_reports_ratios_and_logprob_memory(tmp_path):
+    out = tmp_path / "bench.json"
+    lines = _run("-m", "psft_plugin.bench", "--quick", "--out", str(out)).strip().splitlines()
+    ratio, bound, peak = map(float, SUMMARY_LINE.match(lines[-1]).groups())
+    assert lines[-2].startswith("mlx (model): psft/sft step-time ratio=")
+    report = json.loads(out.read_text())
+    for backend in ("torch", "mlx"):
+        summary = report["summary"][backend]
+        assert summary["bound"] > 1 and summary["step_time_ratio"] > 0.5 and summary["peak_mem_ratio"] > 0
+    assert report["summary"]["torch"]["step_time_ratio"] == pytest.approx(ratio, abs=1e-3)
+    assert bound > 1 and peak > 0
+    torch_rows = {(r["path"], r["seq_len"]): r["peak_bytes"] for r in report["logprob"]
+                  if r["backend"] == "torch" and r["vocab"] == 4096 and r["chunk"] == 64}
+    # At 512 tokens: log_softmax keeps a second [T, V] copy, ours does not, chunked never holds [T, V].
+    assert torch_rows[("chunked", 512)] < torch_rows[("ours", 512)] < torch_rows[("naive", 512)]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_demo_quick_trains_both_runs_and_reports(backend, tmp_path, tiny_assets):
+    """torch on SmolLM2 itself; MLX on the tiny model, since MLX's Linux CPU matmul runs SmolLM2
+    ~30x slower than torch (a 2-step run took over 8 minutes)."""
+    model = [] if backend == "torch" else ["--model", str(tiny_assets[0])]
+    output = _run("-m", "psft_plugin.demo", "--quick", "--backend", backend, "--out", str(tmp_path), *model)
+    lines = output.strip().splitlines()
+    assert lines[-1].startswith("plot: ") and Path(lines[-1][6:]).stat().st_size > 10_000
+    table = lines[lines.index(next(l for l in lines if l.startswith("model "))):][:4]
+    rows = {line.split()[0]: line.split()[1:] for line in table[1:]}
+    assert set(rows) == {"base", "SFT", "PSFT"}
+    for name in ("SFT", "PSFT"):
+        nll, entropy, ood = map(float, rows[name][:3])
+        assert 0 < nll < 12 and 0 < entropy < 12 and 0 < ood < 12  # nats: below ln(vocab) + a margin
+        assert nll < float(rows["base"][0])  # two steps at this learning rate already fit the math
+    assert not math.isnan(float(rows["PSFT"][3]))  # PSFT logged its clip fraction
+    assert "At the same number of steps" in output
