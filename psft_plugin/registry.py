@@ -15,7 +15,7 @@ import pluggy
 from psft_plugin import hookspecs
 from psft_plugin.objective import Objective
 from psft_plugin.objectives import BUILTIN_PLUGINS
-from psft_plugin.options import suggest
+from psft_plugin.options import Option, suggest
 
 ENTRY_POINT_GROUP = "psft_plugin.objectives"
 
@@ -88,9 +88,17 @@ class ObjectiveRegistry:
                 f"the `{ENTRY_POINT_GROUP}` entry-point group."
             ) from None
 
+    def options(self) -> dict[str, Option]:
+        """Every YAML option declared by any registered objective, by key (the first declaration wins)."""
+        options: dict[str, Option] = {}
+        for name in self.names():
+            for option in self._objectives[name].options:
+                options.setdefault(option.key, option)
+        return options
+
     def option_keys(self) -> set[str]:
         """Every YAML key declared by any registered objective."""
-        return {option.key for objective in self._objectives.values() for option in objective.options}
+        return set(self.options())
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,6 +1,7 @@
 """Layout promises: backends never import each other's framework; vectors ship in the wheel."""
 
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -52,8 +53,14 @@ def test_core_imports_only_numpy_and_pluggy():
 
 
 def test_wheel_ships_the_three_packages_and_the_vectors(tmp_path):
+    # Build from a copy of the tracked files: an in-tree build/ left by earlier builds could
+    # supply files the package list no longer names.
+    source = tmp_path / "src"
+    for name in subprocess.run(["git", "ls-files"], cwd=ROOT, check=True, capture_output=True, text=True).stdout.split():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path), str(ROOT)], check=True, cwd=tmp_path)
+                    "-w", str(tmp_path), str(source)], check=True, cwd=tmp_path)
     (wheel,) = tmp_path.glob("psft_plugin-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for expected in ("psft_plugin/spec/vectors/psft_loss.json", "psft_plugin/spec/vectors/token_logprobs.json",

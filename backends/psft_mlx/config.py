@@ -102,12 +102,6 @@ UNSUPPORTED = {
 }
 
 
-def objective_options() -> dict[str, Option]:
-    """Every option any registered objective declares, by key."""
-    registry = default_registry()
-    return {o.key: o for name in registry.names() for o in registry.get(name).options}
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``psft_plugin.mlx_train`` command line, derived from the declarations."""
     parser = argparse.ArgumentParser(prog="python -m psft_plugin.mlx_train",
@@ -116,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     for key in (*MLX_KEYS, LOSS_KEY):
         if key.flag:
             _add_flag(parser, key.name, key.kind, key.help, key.choices)
-    for option in objective_options().values():
+    for option in default_registry().options().values():
         kind = "int" if option.type is int else ("float" if option.type is float else "str")
         _add_flag(parser, option.key, kind, f"{option.help} (default {option.default})", option.choices)
     return parser
@@ -177,7 +171,7 @@ def load_config(argv: Optional[Sequence[str]] = None) -> types.SimpleNamespace:
 def resolve_config(values: Mapping[str, Any], problems: Sequence[str] = ()) -> types.SimpleNamespace:
     """Defaults filled and everything validated; ``objective`` and ``psft`` (resolved options) added."""
     problems = list(problems)
-    options = objective_options()
+    options = default_registry().options()
     known = [key.name for key in (*MLX_KEYS, LOSS_KEY)] + list(options)
     problems += unknown_keys([k for k in values if k not in UNSUPPORTED], known)
     problems += [f"`{k}` is not supported: {why}; remove it" for k, why in UNSUPPORTED.items()
@@ -275,5 +269,5 @@ def docs_tables() -> str:
     """Both configuration tables of docs/mlx.md: ``loss`` and the objectives' keys, then mlx-lm's."""
     names = ", ".join(f"`{name}`" for name in default_registry().names())
     loss_row = f"| `{LOSS_KEY.name}` | `{LOSS_KEY.default}` | {names} | {LOSS_KEY.help} |"
-    header, rule, *rows = markdown_table(list(objective_options().values())).splitlines()
+    header, rule, *rows = markdown_table(list(default_registry().options().values())).splitlines()
     return "\n".join([header, rule, loss_row, *rows]) + "\n\n" + options_table()

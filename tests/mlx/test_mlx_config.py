@@ -2,7 +2,8 @@
 
 import pytest
 
-from psft_mlx.config import MLX_KEYS, build_parser, load_config, objective_options, resolve_config
+from psft_mlx.config import MLX_KEYS, build_parser, load_config, resolve_config
+from psft_plugin.registry import default_registry
 from psft_plugin.options import ConfigError
 
 
@@ -22,7 +23,7 @@ def test_every_declared_key_has_one_flag_and_psft_flags_come_from_the_registry()
     flags = {action.dest: action for action in build_parser()._actions}
     for key in MLX_KEYS:
         assert (key.name in flags) == key.flag, key.name
-    for key, option in objective_options().items():
+    for key, option in default_registry().options().items():
         assert key in flags and option.help in flags[key].help
     assert "loss" in flags
 

@@ -22,7 +22,8 @@ from typing import Any
 from axolotl.integrations.base import BasePlugin
 from axolotl.utils.logging import get_logger
 
-from psft_plugin.integrations.axolotl.args import DEFAULT_LOSS, registry_options, unsupported_settings
+from psft_plugin.integrations.axolotl.args import DEFAULT_LOSS, unsupported_settings
+from psft_plugin.registry import default_registry
 
 LOG = get_logger("axolotl.integrations.psft")
 ARGS_MODEL = "psft_plugin.integrations.axolotl.args.PSFTArgs"
@@ -30,7 +31,7 @@ ARGS_MODEL = "psft_plugin.integrations.axolotl.args.PSFTArgs"
 
 def trainer_config(cfg: Any) -> dict[str, Any]:
     """``{"loss": ..., "psft_*": ...}`` from a validated Axolotl config, for ``configure_psft``."""
-    values = {key: cfg.get(key) for key in registry_options() if cfg.get(key) is not None}
+    values = {key: cfg.get(key) for key in default_registry().options() if cfg.get(key) is not None}
     return {"loss": cfg.get("loss") or DEFAULT_LOSS, **values}
 
 

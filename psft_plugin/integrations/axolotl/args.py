@@ -44,15 +44,6 @@ def unsupported_settings(config: dict) -> list[str]:
     return found
 
 
-def registry_options() -> dict[str, Option]:
-    """Every registered objective's options by key (the first declaration of a shared key wins)."""
-    options: dict[str, Option] = {}
-    for name in default_registry().names():
-        for option in default_registry().get(name).options:
-            options.setdefault(option.key, option)
-    return options
-
-
 def _field(option: Option) -> tuple[Any, Any]:
     """A pydantic field for ``option``: its type (a Literal for choices), default, bounds and help."""
     annotation = Literal[option.choices] if option.choices else option.type
@@ -62,7 +53,8 @@ def _field(option: Option) -> tuple[Any, Any]:
 
 def config_problems(config: dict) -> list[str]:
     """Every problem of the raw YAML mapping ``config`` as far as the plugin is concerned."""
-    registry, options = default_registry(), registry_options()
+    registry = default_registry()
+    options = registry.options()
     name = config.get("loss") or DEFAULT_LOSS
     try:
         objective = registry.get(name)
@@ -96,7 +88,7 @@ class PSFTArgsBase(BaseModel):
 def build_args_model() -> type[BaseModel]:
     """The pydantic model of ``loss`` plus every registered ``psft_*`` option."""
     names = default_registry().names()
-    fields = {key: _field(option) for key, option in registry_options().items()}
+    fields = {key: _field(option) for key, option in default_registry().options().items()}
     fields["loss"] = (Optional[str], Field(
         default=DEFAULT_LOSS, description=f"objective from the psft-plugin registry: {', '.join(names)}"))
     return create_model("PSFTArgs", __base__=PSFTArgsBase, __module__=__name__, **fields)
@@ -104,4 +96,4 @@ def build_args_model() -> type[BaseModel]:
 
 PSFTArgs = build_args_model()
 
-__all__ = ["PSFTArgs", "config_problems", "registry_options", "unsupported_settings"]
+__all__ = ["PSFTArgs", "config_problems", "unsupported_settings"]
