@@ -1,6 +1,6 @@
 """The built-in objectives, registered as pluggy hook implementations.
 
-``ce`` and ``psft`` live in their own plugin objects so that each can be declared under its own
+``ce``, ``psft`` and ``dft`` live in their own plugin objects so that each can be declared under its own
 name in the ``psft_plugin.objectives`` entry-point group, like any third-party objective.
 """
 
@@ -12,19 +12,48 @@ from psft_plugin.options import Option
 from psft_plugin.spec import AGGREGATIONS
 
 AGGREGATION_OPTION = Option(
-    "psft_loss_agg", "token-mean", "how per-token losses are averaged over the optimizer step",
-    loss_arg="agg", type=str, choices=AGGREGATIONS,
+    "psft_loss_agg",
+    "token-mean",
+    "how per-token losses are averaged over the optimizer step",
+    loss_arg="agg",
+    type=str,
+    choices=AGGREGATIONS,
 )
 
 PSFT_OPTIONS = (
-    Option("psft_epsilon_low", 0.2, "lower clip: ratio floor is 1 - eps (acts only where advantages < 0)",
-           loss_arg="epsilon_low", ge=0.0, lt=1.0),
+    Option(
+        "psft_epsilon_low",
+        0.2,
+        "lower clip: ratio floor is 1 - eps (acts only where advantages < 0)",
+        loss_arg="epsilon_low",
+        ge=0.0,
+        lt=1.0,
+    ),
     Option("psft_epsilon_high", 0.28, "upper clip: ratio ceiling is 1 + eps", loss_arg="epsilon_high", ge=0.0),
-    Option("psft_refresh_steps", 8, "optimizer steps per old-policy refresh (K); 1 makes PSFT equal SFT",
-           type=int, ge=1),
+    Option(
+        "psft_refresh_steps", 8, "optimizer steps per old-policy refresh (K); 1 makes PSFT equal SFT", type=int, ge=1
+    ),
     Option("psft_warmup_steps", 0, "plain SFT optimizer steps before PSFT starts", type=int, ge=0),
     AGGREGATION_OPTION,
 )
+
+LM_HEAD_CHUNK_KEY = "psft_lm_head_chunk_size"
+
+TRAINER_OPTIONS = (
+    Option(
+        LM_HEAD_CHUNK_KEY,
+        0,
+        "tokens per LM-head chunk: N > 0 applies the LM head to N response tokens at a "
+        "time, so no [B, T, V] logits exist (forward or backward); 0 builds the full logits (torch trainer only)",
+        type=int,
+        ge=0,
+    ),
+)
+"""Options the trainer reads for every objective (built-in or third-party), not passed to any loss.
+
+They change how the per-token log-probs are computed, not what is optimised, so they belong to the
+trainer rather than to one objective: the registry lists them with every objective's own options.
+"""
 
 CE = Objective(
     name="ce",
@@ -49,6 +78,18 @@ PSFT = Objective(
     uses_old_policy=True,
 )
 
+DFT = Objective(
+    name="dft",
+    description="Dynamic Fine-Tuning (Wu et al., arXiv 2508.05629): cross-entropy with each token's loss "
+    "weighted by its detached probability, -stopgrad(p) * log p",
+    implementations={
+        "numpy": "psft_plugin.spec:dft_loss",
+        "torch": "psft_torch.loss:dft_loss",
+        "mlx": "psft_mlx.loss:dft_loss",
+    },
+    options=(AGGREGATION_OPTION,),
+)
+
 
 class _Provides:
     """A plugin object answering ``psft_plugin_objectives`` with one objective."""
@@ -63,4 +104,5 @@ class _Provides:
 
 ce = _Provides(CE)
 psft = _Provides(PSFT)
-BUILTIN_PLUGINS = {"ce": ce, "psft": psft}
+dft = _Provides(DFT)
+BUILTIN_PLUGINS = {"ce": ce, "psft": psft, "dft": dft}

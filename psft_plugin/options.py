@@ -1,4 +1,4 @@
-"""Configuration knobs, each declared once (PSFT_SPEC.md section 5).
+"""Configuration knobs, each declared once (docs/objective.md section 5).
 
 Objectives list their :class:`Option` s; the Axolotl args model, the MLX YAML/CLI and the
 README table are all derived from these declarations, so a default or a bound lives in one
@@ -9,22 +9,31 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+TYPE_NAMES = {int: "an int", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}
+"""How a problem names the expected type; ``object`` accepts any value."""
 
 
 @dataclass(frozen=True)
 class Option:
-    """One YAML key of an objective.
+    """One configuration key: of an objective, of a trainer or of a host (the MLX command line).
 
     Attributes:
         key: the YAML key, e.g. ``psft_epsilon_high``.
-        default: value used when the key is absent.
+        default: value used when the key is absent (or ``None``); a ``None`` default means
+            "unset" and is always valid.
         help: one sentence for the docs and the CLI.
         loss_arg: keyword of the backend loss function fed by this key (``None`` for keys the
-            trainer consumes, such as the refresh period).
-        type: ``float``, ``int`` or ``str``.
+            trainer or the host consumes, such as the refresh period).
+        type: ``float``, ``int``, ``str``, ``bool``, ``dict`` or ``object`` (any value).
+            ``float`` accepts ints; ``int`` accepts whole floats (``4.0``); neither accepts a bool.
         ge, gt, lt: numeric bounds (inclusive, exclusive, exclusive).
-        choices: allowed values for a string option.
+        choices: allowed values (of a string option).
+        flag: the MLX command line has a ``--key`` flag for it (``False``: YAML only, e.g. nested mappings).
+        parse: turns a raw value into the value checked and used (``AdamW`` -> ``adamw``, ``1GB`` ->
+            bytes); raises ``ValueError`` with the reason (completed by "`key: value` <reason>").
+            A command-line flag of an option with ``parse`` takes a string.
     """
 
     key: str
@@ -36,15 +45,24 @@ class Option:
     gt: Optional[float] = None
     lt: Optional[float] = None
     choices: Optional[tuple[str, ...]] = None
+    flag: bool = True
+    parse: Optional[Callable[[Any], Any]] = None
 
     def problem(self, value: Any) -> Optional[str]:
         """A sentence naming the key, the bad value and the fix, or ``None`` if ``value`` is valid."""
+        if value is None and self.default is None:
+            return None
         if self.choices is not None:
             if value not in self.choices:
                 return f"`{self.key}: {value!r}` is not allowed; use one of {', '.join(self.choices)}"
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"`{self.key}: {value!r}` must be a {self.type.__name__}"
+        if self.type is object:
+            return None
+        if self.type in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return f"`{self.key}: {value!r}` must be {TYPE_NAMES[self.type]}"
+        elif not isinstance(value, self.type):
+            return f"`{self.key}: {value!r}` must be {TYPE_NAMES.get(self.type, f'a {self.type.__name__}')}"
         if self.type is int and int(value) != value:
             return f"`{self.key}: {value!r}` must be a whole number"
         bounds = [
@@ -56,6 +74,24 @@ class Option:
             if bound is not None and not ok(value, bound):
                 return f"`{self.key}: {value}` is out of range; it must be {sign} {bound}"
         return None
+
+    def read(self, value: Any) -> tuple[Any, Optional[str]]:
+        """``(value to use, problem or None)`` for a raw ``value`` (``None``: the default).
+
+        The value is parsed (:attr:`parse`), checked (:meth:`problem`) and, when valid, converted
+        to :attr:`type` for numbers (``4.0`` -> ``4`` for an int option); an invalid value is
+        returned as given, with its problem.
+        """
+        value = self.default if value is None else value
+        if value is not None and self.parse is not None:
+            try:
+                value = self.parse(value)
+            except ValueError as error:
+                return value, f"`{self.key}: {value!r}` {error}"
+        problem = self.problem(value)
+        if problem is None and value is not None and self.type in (int, float):
+            value = self.type(value)
+        return value, problem
 
     def bounds_text(self) -> str:
         """Human-readable range, for docs: e.g. ``[0, 1)``."""
@@ -81,20 +117,19 @@ def suggest(word: str, candidates: Iterable[str]) -> str:
 
 
 def resolve_options(options: Sequence[Option], values: Mapping[str, Any]) -> dict[str, Any]:
-    """Fill defaults for ``options`` from ``values`` and validate them.
+    """Fill defaults for ``options`` from ``values`` and validate them (:meth:`Option.read`).
 
     Returns ``{key: value}`` for every option. Raises :class:`ConfigError` listing every bad
-    value. Keys in ``values`` that are not options are ignored here (see :func:`unknown_keys`).
+    value. Keys in ``values`` that are not options are ignored here: the whole configuration's
+    rules live in :func:`psft_plugin.config.resolve`.
     """
     resolved, problems = {}, []
     for option in options:
-        value = values.get(option.key)
-        value = option.default if value is None else value
-        problem = option.problem(value)
+        value, problem = option.read(values.get(option.key))
         if problem:
             problems.append(problem)
         else:
-            resolved[option.key] = option.type(value)
+            resolved[option.key] = value
     if problems:
         raise ConfigError(problems)
     return resolved
@@ -103,11 +138,7 @@ def resolve_options(options: Sequence[Option], values: Mapping[str, Any]) -> dic
 def unknown_keys(keys: Iterable[str], known: Iterable[str], prefix: str = "") -> list[str]:
     """Problems for each key starting with ``prefix`` that is not in ``known``, with a suggestion."""
     known = list(known)
-    return [
-        f"unknown key `{key}`{suggest(key, known)}"
-        for key in keys
-        if key.startswith(prefix) and key not in known
-    ]
+    return [f"unknown key `{key}`{suggest(key, known)}" for key in keys if key.startswith(prefix) and key not in known]
 
 
 def loss_kwargs(options: Sequence[Option], resolved: Mapping[str, Any]) -> dict[str, Any]:

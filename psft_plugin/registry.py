@@ -14,7 +14,7 @@ import pluggy
 
 from psft_plugin import hookspecs
 from psft_plugin.objective import Objective
-from psft_plugin.objectives import BUILTIN_PLUGINS
+from psft_plugin.objectives import BUILTIN_PLUGINS, TRAINER_OPTIONS
 from psft_plugin.options import Option, suggest
 
 ENTRY_POINT_GROUP = "psft_plugin.objectives"
@@ -89,12 +89,21 @@ class ObjectiveRegistry:
             ) from None
 
     def options(self) -> dict[str, Option]:
-        """Every YAML option declared by any registered objective, by key (the first declaration wins)."""
+        """Every YAML option: each objective's, then the trainer's own (:data:`TRAINER_OPTIONS`), by key.
+
+        The first declaration of a key wins.
+        """
         options: dict[str, Option] = {}
         for name in self.names():
             for option in self._objectives[name].options:
                 options.setdefault(option.key, option)
+        for option in TRAINER_OPTIONS:
+            options.setdefault(option.key, option)
         return options
+
+    def keys_read_by(self, objective: Objective) -> set[str]:
+        """The YAML keys that take effect with ``loss: <objective>``: its own options and the trainer's."""
+        return {option.key for option in (*objective.options, *TRAINER_OPTIONS)}
 
     def option_keys(self) -> set[str]:
         """Every YAML key declared by any registered objective."""
@@ -110,3 +119,14 @@ def default_registry() -> ObjectiveRegistry:
 def get_objective(name: str, registry: Optional[ObjectiveRegistry] = None) -> Objective:
     """Look an objective up by name in ``registry`` (default: the process-wide one)."""
     return (registry or default_registry()).get(name)
+
+
+def objectives_table(registry: Optional[ObjectiveRegistry] = None) -> str:
+    """The README's table of objectives (name, old policy, keys, description), from their declarations."""
+    registry = registry or default_registry()
+    rows = ["| `loss:` | old policy | keys | what it optimises |", "|---|---|---|---|"]
+    for name in registry.names():
+        objective = registry.get(name)
+        keys = ", ".join(f"`{option.key}`" for option in objective.options) or "-"
+        rows.append(f"| `{name}` | {'yes' if objective.uses_old_policy else 'no'} | {keys} | {objective.description} |")
+    return "\n".join(rows)

@@ -11,12 +11,13 @@ from psft_plugin.registry import ENTRY_POINT_GROUP, ObjectivePluginError, Object
 
 def test_builtins_are_registered_and_loadable_per_backend():
     registry = ObjectiveRegistry(make_plugin_manager(load_entry_points=False))
-    assert registry.names() == ["ce", "psft"]
+    assert registry.names() == ["ce", "dft", "psft"]
     psft = registry.get("psft")
-    assert psft.uses_old_policy and not registry.get("ce").uses_old_policy
-    from psft_plugin.spec import psft_loss
+    assert psft.uses_old_policy and not registry.get("ce").uses_old_policy and not registry.get("dft").uses_old_policy
+    from psft_plugin.spec import dft_loss, psft_loss
 
-    assert psft.loss_fn("numpy") is psft_loss
+    assert psft.loss_fn("numpy") is psft_loss and registry.get("dft").loss_fn("numpy") is dft_loss
+    assert [o.key for o in registry.get("dft").options] == ["psft_loss_agg"]
     assert {"psft_epsilon_low", "psft_refresh_steps", "psft_loss_agg"} <= registry.option_keys()
 
 
@@ -28,18 +29,36 @@ def test_builtins_are_declared_in_the_entry_point_group():
     assert get_objective("psft").name == "psft"  # loading the group does not register them twice
 
 
+def test_every_builtin_is_declared_in_pyproject_like_a_third_party_objective():
+    """The installed metadata may predate a new built-in; the source of the entry points is pyproject.toml."""
+    from pathlib import Path
+
+    import tomllib
+
+    from psft_plugin.objectives import BUILTIN_PLUGINS
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    declared = pyproject["project"]["entry-points"][ENTRY_POINT_GROUP]
+    assert declared == {name: f"psft_plugin.objectives:{name}" for name in BUILTIN_PLUGINS}
+
+
 def test_unknown_objective_lists_the_registered_ones():
     with pytest.raises(UnknownObjectiveError) as error:
         get_objective("pfst")
     message = str(error.value)
-    assert "did you mean `psft`" in message and "ce, psft" in message and ENTRY_POINT_GROUP in message
+    assert "did you mean `psft`" in message and "ce, dft, psft" in message and ENTRY_POINT_GROUP in message
 
 
 def test_options_resolve_with_defaults_and_report_every_problem():
     psft = get_objective("psft")
     resolved = psft.resolve({"psft_epsilon_high": 0.3})
-    assert resolved == {"psft_epsilon_low": 0.2, "psft_epsilon_high": 0.3, "psft_refresh_steps": 8,
-                        "psft_warmup_steps": 0, "psft_loss_agg": "token-mean"}
+    assert resolved == {
+        "psft_epsilon_low": 0.2,
+        "psft_epsilon_high": 0.3,
+        "psft_refresh_steps": 8,
+        "psft_warmup_steps": 0,
+        "psft_loss_agg": "token-mean",
+    }
     assert psft.loss_kwargs(resolved) == {"epsilon_low": 0.2, "epsilon_high": 0.3, "agg": "token-mean"}
     with pytest.raises(ConfigError) as error:
         psft.resolve({"psft_epsilon_low": 1.5, "psft_refresh_steps": 0, "psft_loss_agg": "sum"})

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from psft_plugin import spec
-from psft_plugin.spec.make_vectors import main as make_vectors_main, stale_files
+from psft_plugin.spec.make_vectors import main as make_vectors_main
+from psft_plugin.spec.make_vectors import stale_files
 
 
 def _inputs(seed=0, shape=(3, 6), scale=0.4):
@@ -26,8 +27,10 @@ def test_analytic_gradient_matches_finite_differences(agg):
         up, down = logp.copy(), logp.copy()
         up[idx] += h
         down[idx] -= h
-        numeric[idx] = (spec.psft_loss(up, old, mask, advantages=adv, agg=agg)[0]
-                        - spec.psft_loss(down, old, mask, advantages=adv, agg=agg)[0]) / (2 * h)
+        numeric[idx] = (
+            spec.psft_loss(up, old, mask, advantages=adv, agg=agg)[0]
+            - spec.psft_loss(down, old, mask, advantages=adv, agg=agg)[0]
+        ) / (2 * h)
     np.testing.assert_allclose(grad, numeric, atol=1e-7)
 
 
@@ -47,8 +50,10 @@ def test_epsilon_low_only_acts_through_negative_advantages():
     b = spec.psft_loss(logp, old, mask, epsilon_low=0.6)[0]
     assert a == b
     neg = -np.ones_like(logp)
-    assert spec.psft_loss(logp, old, mask, epsilon_low=0.05, advantages=neg)[0] != \
-        spec.psft_loss(logp, old, mask, epsilon_low=0.6, advantages=neg)[0]
+    assert (
+        spec.psft_loss(logp, old, mask, epsilon_low=0.05, advantages=neg)[0]
+        != spec.psft_loss(logp, old, mask, epsilon_low=0.6, advantages=neg)[0]
+    )
 
 
 def test_clipped_tokens_get_no_gradient():
@@ -117,3 +122,40 @@ def test_bad_inputs_name_the_argument():
 def test_committed_vectors_equal_a_fresh_regeneration():
     assert stale_files() == [], "run `python -m psft_plugin.spec.make_vectors` and commit the result"
     assert make_vectors_main(["--check"]) == 0
+
+
+@pytest.mark.parametrize("agg", spec.AGGREGATIONS)
+def test_dft_gradient_is_the_detached_weight_times_the_ce_gradient(agg):
+    """d/d logp of -stopgrad(p) * logp is -p * c (c the aggregation weights), not the full derivative of -p log p."""
+    logp, _, mask, _ = _inputs(6)
+    loss, grad, metrics = spec.dft_loss_and_grad(logp, None, mask, agg=agg)
+    c = spec.aggregate_weights(mask, agg, None)
+    np.testing.assert_allclose(grad, -np.exp(logp) * c, rtol=1e-15)
+    assert loss == pytest.approx(float((c * -np.exp(logp) * logp).sum()), rel=1e-15)
+    ce, ce_metrics = spec.ce_loss(logp, None, mask, agg=agg)
+    assert 0 < loss < ce and metrics["nll"] == ce_metrics["nll"]  # every weight is below 1
+    on = mask > 0
+    assert metrics["weight_mean"] == pytest.approx(np.exp(logp)[on].mean())
+
+
+def test_dft_on_certain_tokens_is_ce_and_empty_mask_gives_zero():
+    logp, _, mask, _ = _inputs(7)
+    certain = np.zeros_like(logp)  # p = 1: the weight is 1, the gradient is CE's
+    _, grad, metrics = spec.dft_loss_and_grad(certain, None, mask)
+    np.testing.assert_allclose(grad, -mask / mask.sum())
+    assert metrics["weight_mean"] == 1.0
+    for agg in spec.AGGREGATIONS:
+        loss, grad, metrics = spec.dft_loss_and_grad(logp, None, np.zeros_like(logp), agg=agg)
+        assert loss == 0.0 and not grad.any() and metrics == {"nll": 0.0, "weight_mean": 0.0, "tokens": 0.0}
+
+
+def test_dft_bad_inputs_name_the_argument():
+    logp, _, mask, _ = _inputs()
+    with pytest.raises(ValueError, match="mask"):
+        spec.dft_loss(logp, None, mask[:-1])
+    with pytest.raises(ValueError, match="agg"):
+        spec.dft_loss(logp, None, mask, agg="token-sum")
+    with pytest.raises(ValueError, match="num_tokens"):
+        spec.dft_loss(logp, None, mask, num_tokens=-1)
+    with pytest.raises(ValueError, match="logp"):
+        spec.dft_loss(np.where(mask > 0, np.nan, logp), None, mask)

@@ -4,6 +4,8 @@ from psft_plugin.spec.make_vectors import load
 
 LOSS_CASES = load("psft_loss.json")["cases"]
 LOGPROB_CASES = load("token_logprobs.json")["cases"]
+DFT_CASES = load("dft_loss.json")["cases"]
+DFT_METRICS = ("nll", "weight_mean", "tokens")
 METRICS = ("clipfrac", "ratio_mean", "ratio_min", "ratio_max", "approx_kl", "nll", "tokens")
 # fp32 backends against a float64 reference on float32 inputs: relative 1e-6 of each value's
 # scale (the clamp case reaches ~1e8), the bound.

@@ -1,4 +1,4 @@
-"""The PSFT objective written once, in NumPy: the reference every backend reproduces."""
+"""The objectives written once, in NumPy: the reference every backend reproduces."""
 
 from psft_plugin.spec.reference import (
     AGGREGATIONS,
@@ -7,6 +7,8 @@ from psft_plugin.spec.reference import (
     aggregate_weights,
     ce_loss,
     check_hyperparameters,
+    dft_loss,
+    dft_loss_and_grad,
     psft_loss,
     psft_loss_and_grad,
     token_entropy,
@@ -20,6 +22,8 @@ __all__ = [
     "aggregate_weights",
     "ce_loss",
     "check_hyperparameters",
+    "dft_loss",
+    "dft_loss_and_grad",
     "psft_loss",
     "psft_loss_and_grad",
     "token_entropy",

@@ -5,7 +5,7 @@
 
 Inputs are drawn with a fixed seed and rounded to float32 (what the backends compute in);
 expected values are the float64 reference on those float32 inputs. Cases keep every ratio away
-from the clip edges and every log-ratio away from the clamp (ties are measure-zero, PSFT_SPEC.md
+from the clip edges and every log-ratio away from the clamp (ties are measure-zero, docs/objective.md
 section 1), so a backend that picks the wrong branch cannot pass by luck.
 """
 
@@ -19,7 +19,13 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from psft_plugin.spec.reference import AGGREGATIONS, LOG_RATIO_CLAMP, psft_loss_and_grad, token_logprobs
+from psft_plugin.spec.reference import (
+    AGGREGATIONS,
+    LOG_RATIO_CLAMP,
+    dft_loss_and_grad,
+    psft_loss_and_grad,
+    token_logprobs,
+)
 
 VECTOR_DIR = Path(__file__).with_name("vectors")
 SEED = 20250825
@@ -40,9 +46,17 @@ def _away_from_edges(log_ratio: np.ndarray, eps_low: float, eps_high: float) -> 
     return out
 
 
-def _case(name: str, rng: np.random.Generator, shape=(3, 7), *, log_ratio_scale=0.3,
-          mask: Optional[np.ndarray] = None, advantages: Optional[np.ndarray] = None,
-          log_ratio: Optional[np.ndarray] = None, **kwargs: Any) -> dict[str, Any]:
+def _case(
+    name: str,
+    rng: np.random.Generator,
+    shape=(3, 7),
+    *,
+    log_ratio_scale=0.3,
+    mask: Optional[np.ndarray] = None,
+    advantages: Optional[np.ndarray] = None,
+    log_ratio: Optional[np.ndarray] = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
     eps_low, eps_high = kwargs.get("epsilon_low", 0.2), kwargs.get("epsilon_high", 0.28)
     logp = _f32(-rng.uniform(0.01, 6.0, size=shape))
     if log_ratio is None:
@@ -73,35 +87,128 @@ def loss_cases(seed: int = SEED) -> Iterator[dict[str, Any]]:
     rng = np.random.default_rng(seed)
     for i in range(3):
         yield _case(f"random_{i}", rng, shape=(2 + i, 5 + 3 * i), log_ratio_scale=0.1 + 0.2 * i)
-    ragged = np.array([[1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0, 1, 1],
-                       [0, 1, 0, 1, 0, 1, 0, 1]], dtype=np.float64)
+    ragged = np.array(
+        [[1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0, 1, 1], [0, 1, 0, 1, 0, 1, 0, 1]],
+        dtype=np.float64,
+    )
     row_masked = ragged.copy()
     row_masked[2] = 0
     for agg in AGGREGATIONS:
         yield _case(f"ragged_{agg}", rng, shape=(4, 8), mask=ragged, agg=agg)
         yield _case(f"masked_row_{agg}", rng, shape=(4, 8), mask=row_masked, agg=agg)
         yield _case(f"masked_batch_{agg}", rng, shape=(2, 6), mask=np.zeros((2, 6)), agg=agg)
-        yield _case(f"num_tokens_override_{agg}", rng, shape=(4, 8), mask=ragged, agg=agg,
-                    num_tokens=37.0 if agg == "token-mean" else 6.0)
-        yield _case(f"mixed_advantages_{agg}", rng, shape=(4, 8), mask=ragged, log_ratio_scale=0.5,
-                    advantages=rng.choice([-1.5, -1.0, -0.25, 0.5, 1.0, 2.0], size=(4, 8)), agg=agg)
-    edges = np.log(np.array([[0.5, 0.75, 0.79, 0.81, 0.9, 1.0005],
-                             [1.1, 1.27, 1.29, 1.5, 2.0, 3.0]]))
+        yield _case(
+            f"num_tokens_override_{agg}",
+            rng,
+            shape=(4, 8),
+            mask=ragged,
+            agg=agg,
+            num_tokens=37.0 if agg == "token-mean" else 6.0,
+        )
+        yield _case(
+            f"mixed_advantages_{agg}",
+            rng,
+            shape=(4, 8),
+            mask=ragged,
+            log_ratio_scale=0.5,
+            advantages=rng.choice([-1.5, -1.0, -0.25, 0.5, 1.0, 2.0], size=(4, 8)),
+            agg=agg,
+        )
+    edges = np.log(np.array([[0.5, 0.75, 0.79, 0.81, 0.9, 1.0005], [1.1, 1.27, 1.29, 1.5, 2.0, 3.0]]))
     yield _case("both_clip_edges_positive_adv", rng, shape=(2, 6), mask=np.ones((2, 6)), log_ratio=edges)
-    yield _case("both_clip_edges_negative_adv", rng, shape=(2, 6), mask=np.ones((2, 6)), log_ratio=edges,
-                advantages=-np.ones((2, 6)))
-    yield _case("both_clip_edges_mixed_adv", rng, shape=(2, 6), mask=np.ones((2, 6)), log_ratio=edges,
-                advantages=np.array([[1, -1, 1, -1, 1, -1], [-1, 1, -1, 1, -1, 1]]))
-    yield _case("asymmetric_epsilons", rng, shape=(2, 6), mask=np.ones((2, 6)), log_ratio=edges,
-                advantages=np.array([[1, -1, 1, -1, 1, -1], [-1, 1, -1, 1, -1, 1]]),
-                epsilon_low=0.05, epsilon_high=0.5)
-    yield _case("zero_epsilons", rng, shape=(2, 6), mask=np.ones((2, 6)), log_ratio=edges,
-                advantages=np.array([[1, -1, 1, -1, 1, -1], [-1, 1, -1, 1, -1, 1]]),
-                epsilon_low=0.0, epsilon_high=0.0)
+    yield _case(
+        "both_clip_edges_negative_adv",
+        rng,
+        shape=(2, 6),
+        mask=np.ones((2, 6)),
+        log_ratio=edges,
+        advantages=-np.ones((2, 6)),
+    )
+    yield _case(
+        "both_clip_edges_mixed_adv",
+        rng,
+        shape=(2, 6),
+        mask=np.ones((2, 6)),
+        log_ratio=edges,
+        advantages=np.array([[1, -1, 1, -1, 1, -1], [-1, 1, -1, 1, -1, 1]]),
+    )
+    yield _case(
+        "asymmetric_epsilons",
+        rng,
+        shape=(2, 6),
+        mask=np.ones((2, 6)),
+        log_ratio=edges,
+        advantages=np.array([[1, -1, 1, -1, 1, -1], [-1, 1, -1, 1, -1, 1]]),
+        epsilon_low=0.05,
+        epsilon_high=0.5,
+    )
+    yield _case(
+        "zero_epsilons",
+        rng,
+        shape=(2, 6),
+        mask=np.ones((2, 6)),
+        log_ratio=edges,
+        advantages=np.array([[1, -1, 1, -1, 1, -1], [-1, 1, -1, 1, -1, 1]]),
+        epsilon_low=0.0,
+        epsilon_high=0.0,
+    )
     extreme = np.array([[-60.0, -25.0, -19.0, 0.0, 19.5, 25.0, 45.0]])
-    yield _case("log_ratio_clamp", rng, shape=(1, 7), mask=np.ones((1, 7)), log_ratio=extreme,
-                advantages=np.array([[1.0, -1.0, 1.0, 1.0, -1.0, -1.0, 1.0]]))
+    yield _case(
+        "log_ratio_clamp",
+        rng,
+        shape=(1, 7),
+        mask=np.ones((1, 7)),
+        log_ratio=extreme,
+        advantages=np.array([[1.0, -1.0, 1.0, 1.0, -1.0, -1.0, 1.0]]),
+    )
     yield _case("right_after_refresh", rng, shape=(3, 5), log_ratio=np.zeros((3, 5)))
+
+
+def _dft_case(name: str, logp: np.ndarray, mask: np.ndarray, **kwargs: Any) -> dict[str, Any]:
+    logp = _f32(logp)
+    loss, grad, metrics = dft_loss_and_grad(logp, None, mask, **kwargs)
+    return {
+        "name": name,
+        "logp": logp.tolist(),
+        "mask": mask.tolist(),
+        "kwargs": kwargs,
+        "loss": loss,
+        "grad": grad.tolist(),
+        "metrics": metrics,
+    }
+
+
+def dft_cases(seed: int = SEED) -> Iterator[dict[str, Any]]:
+    """Every DFT loss vector, in a fixed order (their own random stream: the PSFT vectors stay as they are).
+
+    Log-probs span confident tokens (weight ~1) to unlikely ones (weight ~0), so a backend that
+    lets gradient through the weight, or drops it, cannot pass.
+    """
+    rng = np.random.default_rng(seed + 2)
+    for i in range(3):
+        shape = (2 + i, 5 + 3 * i)
+        yield _dft_case(
+            f"random_{i}", -rng.uniform(0.01, 6.0, size=shape), (rng.uniform(size=shape) < 0.8).astype(np.float64)
+        )
+    ragged = np.array(
+        [[1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0, 1, 1], [0, 1, 0, 1, 0, 1, 0, 1]],
+        dtype=np.float64,
+    )
+    row_masked = ragged.copy()
+    row_masked[2] = 0
+    for agg in AGGREGATIONS:
+        yield _dft_case(f"ragged_{agg}", -rng.uniform(0.01, 6.0, size=(4, 8)), ragged, agg=agg)
+        yield _dft_case(f"masked_row_{agg}", -rng.uniform(0.01, 6.0, size=(4, 8)), row_masked, agg=agg)
+        yield _dft_case(f"masked_batch_{agg}", -rng.uniform(0.01, 6.0, size=(2, 6)), np.zeros((2, 6)), agg=agg)
+        yield _dft_case(
+            f"num_tokens_override_{agg}",
+            -rng.uniform(0.01, 6.0, size=(4, 8)),
+            ragged,
+            agg=agg,
+            num_tokens=37.0 if agg == "token-mean" else 6.0,
+        )
+    spread = np.log(np.array([[0.999, 0.9, 0.5, 0.1, 1e-3, 1e-9], [0.99, 0.7, 0.3, 0.05, 1e-5, 1e-12]]))
+    yield _dft_case("confident_to_unlikely", spread, np.ones((2, 6)))
 
 
 def logprob_cases(seed: int = SEED) -> Iterator[dict[str, Any]]:
@@ -111,8 +218,13 @@ def logprob_cases(seed: int = SEED) -> Iterator[dict[str, Any]]:
         logits = _f32(rng.normal(0.0, scale, size=shape))
         targets = rng.integers(0, shape[-1], size=shape[:2])
         targets[0, :2] = -100
-        yield {"name": name, "logits": logits.tolist(), "targets": targets.tolist(), "ignore_index": -100,
-               "logp": token_logprobs(logits, targets).astype(np.float64).tolist()}
+        yield {
+            "name": name,
+            "logits": logits.tolist(),
+            "targets": targets.tolist(),
+            "ignore_index": -100,
+            "logp": token_logprobs(logits, targets).astype(np.float64).tolist(),
+        }
 
 
 def build() -> dict[str, dict[str, Any]]:
@@ -120,6 +232,7 @@ def build() -> dict[str, dict[str, Any]]:
     header = {"generator": "python -m psft_plugin.spec.make_vectors", "seed": SEED}
     return {
         "psft_loss.json": {**header, "cases": list(loss_cases())},
+        "dft_loss.json": {**header, "cases": list(dft_cases())},
         "token_logprobs.json": {**header, "cases": list(logprob_cases())},
     }
 

@@ -1,4 +1,4 @@
-"""NumPy reference of the PSFT objective (PSFT_SPEC.md sections 1 and 3).
+"""NumPy reference of the objectives (docs/objective.md sections 1 and 3): PSFT, CE and DFT.
 
 This module is the definition every backend is tested against. It computes in float64
 internally and imports nothing but NumPy.
@@ -32,8 +32,7 @@ def token_logprobs(logits: np.ndarray, targets: np.ndarray, ignore_index: int = 
     targets = np.asarray(targets)
     if logits.ndim != 3 or targets.shape != logits.shape[:2]:
         raise ValueError(
-            f"logits must be [B, T, V] and targets [B, T]; got logits {logits.shape}, "
-            f"targets {targets.shape}"
+            f"logits must be [B, T, V] and targets [B, T]; got logits {logits.shape}, targets {targets.shape}"
         )
     if not np.all(np.isfinite(logits)):
         raise ValueError("logits contain NaN or infinite values")
@@ -155,8 +154,15 @@ def psft_loss_and_grad(
 def _metrics(mask, ratio, clip_binds, logp, old_logp) -> dict[str, float]:
     tokens = float(mask.sum())
     if tokens == 0:
-        return {"clipfrac": 0.0, "ratio_mean": 1.0, "ratio_min": 1.0, "ratio_max": 1.0,
-                "approx_kl": 0.0, "nll": 0.0, "tokens": 0.0}
+        return {
+            "clipfrac": 0.0,
+            "ratio_mean": 1.0,
+            "ratio_min": 1.0,
+            "ratio_max": 1.0,
+            "approx_kl": 0.0,
+            "nll": 0.0,
+            "tokens": 0.0,
+        }
     on = mask > 0
     return {
         "clipfrac": float((clip_binds * mask).sum() / tokens),
@@ -182,3 +188,52 @@ def ce_loss(logp, old_logp, mask, *, agg: str = "token-mean", num_tokens=None) -
     tokens = float(mask.sum())
     nll = float((-logp * mask).sum() / tokens) if tokens else 0.0
     return float((aggregate_weights(mask, agg, num_tokens) * -logp).sum()), {"nll": nll, "tokens": tokens}
+
+
+def dft_loss_and_grad(
+    logp, old_logp, mask, *, agg: str = "token-mean", num_tokens: Optional[float] = None
+) -> tuple[float, np.ndarray, dict[str, float]]:
+    """Dynamic Fine-Tuning (Wu et al., arXiv 2508.05629): its loss, gradient in ``logp`` and metrics.
+
+    Per response token the loss is ``-stopgrad(p) * logp`` with ``p = exp(logp)``: cross-entropy
+    with each token's gradient scaled by its own (detached) probability. Aggregated over the
+    optimizer step like PSFT and CE (:func:`aggregate_weights`). No old policy: ``old_logp`` is
+    ignored (may be None).
+
+    Args:
+        logp: ``[B, T]`` current-policy log-probs of the response tokens (nats).
+        old_logp: unused.
+        mask: ``[B, T]`` 1 for response tokens, 0 for prompt and padding.
+        agg: one of :data:`AGGREGATIONS`.
+        num_tokens: denominator override, see :func:`aggregate_weights`.
+
+    Returns:
+        ``(loss, d loss / d logp as [B, T] float64, metrics)``: ``nll`` (mean ``-logp``),
+        ``weight_mean`` (mean token weight ``p``, 0 without tokens) and ``tokens``, means over
+        this call's response tokens.
+    """
+    logp, mask = np.asarray(logp, dtype=np.float64), np.asarray(mask, dtype=np.float64)
+    if logp.ndim != 2:
+        raise ValueError(f"logp must be [B, T]; got shape {logp.shape}")
+    if mask.shape != logp.shape:
+        raise ValueError(f"mask has shape {mask.shape}, expected logp's shape {logp.shape}")
+    for name, value in (("logp", logp), ("mask", mask)):
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"{name} contains NaN or infinite values")
+    check_hyperparameters(0.0, 0.0, agg, num_tokens)
+    weights = aggregate_weights(mask, agg, num_tokens)
+    prob = np.exp(logp)
+    loss = float((weights * -prob * logp).sum())
+    tokens = float(mask.sum())
+    metrics = {
+        "nll": float((-logp * mask).sum() / tokens) if tokens else 0.0,
+        "weight_mean": float((prob * mask).sum() / tokens) if tokens else 0.0,
+        "tokens": tokens,
+    }
+    return loss, weights * -prob, metrics
+
+
+def dft_loss(logp, old_logp, mask, **kwargs) -> tuple[float, dict[str, float]]:
+    """DFT loss and metrics (the backend contract); see :func:`dft_loss_and_grad`."""
+    loss, _, metrics = dft_loss_and_grad(logp, old_logp, mask, **kwargs)
+    return loss, metrics
