@@ -2,11 +2,10 @@
 
 import numpy as np
 import pytest
-
 import torch  # noqa: E402
+from vectors import DFT_CASES, DFT_METRICS, LOGPROB_CASES, LOSS_CASES, METRICS, TOLERANCE, max_rel_err  # noqa: E402
 
 import psft_torch  # noqa: E402
-from vectors import LOGPROB_CASES, LOSS_CASES, METRICS, TOLERANCE, max_rel_err  # noqa: E402
 
 
 def _t(values):
@@ -22,6 +21,18 @@ def test_loss_gradient_and_metrics_match_the_vectors(case):
     assert max_rel_err(loss.item(), case["loss"]) <= TOLERANCE
     assert max_rel_err(logp.grad.numpy(), case["grad"]) <= TOLERANCE
     for name in METRICS:
+        assert max_rel_err(metrics[name].item(), case["metrics"][name]) <= TOLERANCE, name
+
+
+@pytest.mark.parametrize("case", DFT_CASES, ids=lambda c: c["name"])
+def test_dft_loss_gradient_and_metrics_match_the_vectors(case):
+    logp = _t(case["logp"]).requires_grad_(True)
+    loss, metrics = psft_torch.dft_loss(logp, None, _t(case["mask"]), **case["kwargs"])
+    loss.backward()
+    assert max_rel_err(loss.item(), case["loss"]) <= TOLERANCE
+    assert max_rel_err(logp.grad.numpy(), case["grad"]) <= TOLERANCE
+    assert set(metrics) == set(DFT_METRICS)
+    for name in DFT_METRICS:
         assert max_rel_err(metrics[name].item(), case["metrics"][name]) <= TOLERANCE, name
 
 
@@ -56,7 +67,9 @@ def test_token_logprobs_gradient_keeps_no_second_full_tensor():
     assert big == []
     np.testing.assert_allclose(
         psft_torch.token_logprobs(logits, targets).detach().numpy(),
-        torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0].detach().numpy(), atol=1e-5)
+        torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0].detach().numpy(),
+        atol=1e-5,
+    )
 
 
 def test_entropy_and_ce_loss():

@@ -3,6 +3,24 @@
 Never imports mlx.
 """
 
-from psft_torch.loss import aggregate_weights, ce_loss, psft_ce_weights, psft_loss, token_entropy, token_logprobs
+from psft_torch.loss import (
+    aggregate_weights,
+    ce_loss,
+    dft_loss,
+    psft_ce_weights,
+    psft_loss,
+    token_entropy,
+    token_logprobs,
+    token_logprobs_and_entropy,
+)
 
-__all__ = ["aggregate_weights", "ce_loss", "psft_ce_weights", "psft_loss", "token_entropy", "token_logprobs"]
+__all__ = [
+    "aggregate_weights",
+    "ce_loss",
+    "dft_loss",
+    "psft_ce_weights",
+    "psft_loss",
+    "token_entropy",
+    "token_logprobs",
+    "token_logprobs_and_entropy",
+]

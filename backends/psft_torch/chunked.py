@@ -1,26 +1,115 @@
 """Log-probs straight from hidden states, a chunk of tokens at a time.
 
 A training forward normally builds ``[B, T, V]`` logits (plus a float32 copy) before any
-log-prob is taken; at long sequences and large vocabularies that dominates memory. Here the
-LM head is applied to ``chunk_size`` tokens at a time and each chunk is recomputed in the
-backward pass (activation checkpointing), so no more than one chunk's ``[chunk, V]`` logits
-exist at once, forward or backward. The result feeds :func:`psft_torch.psft_loss` unchanged.
+log-prob is taken; at long sequences and large vocabularies that dominates memory. Here only the
+positions that have a target are kept, the LM head is applied to ``chunk_size`` of them at a time,
+and each chunk is recomputed in the backward pass (activation checkpointing), so no more than one
+chunk's ``[chunk, V]`` logits exist at once, forward or backward. The result feeds
+:func:`psft_torch.psft_loss` unchanged.
+
+The head is any callable ``[N, H] -> [N, V]`` (for a model: its ``lm_head`` module, called
+through ``__call__`` so that PEFT adapters and ZeRO-3's parameter gathering apply, followed by
+the model's own logit transform). :mod:`psft_torch.lm_head` runs this inside the model's forward.
+
+Why not TRL's ``_ChunkedLogProbFunction`` (``trl.trainer.patch_chunked_lm_head``): it multiplies
+by ``lm_head.weight`` read directly, which silently drops a LoRA adapter on the head and, under
+ZeRO-3, sees an empty partition outside the module's call; it knows softcapping and
+``logit_scale`` but not Granite's ``logits_scaling``; and it chunks the vocabulary for all
+positions at once with a float32 ``[V, H]`` weight-gradient buffer. Measured against it on CPU
+(``python -m psft_plugin.bench.trl_compare``), see the README's benchmark section.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from psft_torch.loss import token_logprobs
+from psft_torch.loss import _TokenLogprobs
+
+IGNORE_INDEX = -100
+Head = Callable[[torch.Tensor], torch.Tensor]
+"""``[N, H]`` hidden states -> ``[N, V]`` logits (any dtype), differentiable in both."""
 
 
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                    targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    logits = torch.nn.functional.linear(hidden, weight, bias)
-    return token_logprobs(logits[None], targets[None], ignore_index)[0]
+def _head_chunk(
+    head: Head, rows: torch.Tensor, targets: torch.Tensor, entropy: list[bool]
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Log-probs (and entropy while ``entropy[0]``) of ``[c, H]`` rows against ``[c]`` targets."""
+    logp, ent = _TokenLogprobs.apply(head(rows)[None], targets[None], IGNORE_INDEX, entropy[0])
+    return logp[0], None if ent is None else ent[0]
+
+
+def chunk_count(targets: torch.Tensor, chunk_size: int, ignore_index: int = IGNORE_INDEX) -> int:
+    """How many head calls :func:`head_token_logprobs` makes for ``targets`` (at least 1)."""
+    return max(1, -(-int((targets != ignore_index).sum()) // chunk_size))
+
+
+def head_token_logprobs(
+    head: Head,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk_size: int,
+    entropy: bool = False,
+    chunks: Optional[int] = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``[B, T, H]`` hidden states and aligned ``[B, T]`` targets -> ``[B, T]`` float32 log-probs.
+
+    Equal to ``token_logprobs(head(hidden), targets)`` (ignored positions give 0) without ever
+    holding more than one ``[chunk_size, V]`` chunk of logits. With ``entropy`` also returns the
+    ``[B, T]`` float32 predictive entropy in nats (no gradient; 0 at ignored positions), computed in
+    the same pass and skipped when the backward recomputes the chunks; otherwise ``None``.
+
+    ``chunks`` pads the number of head calls to that many (surplus calls run on one row and add
+    exactly 0): sharded engines all-gather the head's parameters at every call, so every rank
+    must make the same number. One call is always made, so that the head stays in the autograd
+    graph (zero gradient) when no position has a target.
+    """
+    if hidden.dim() != 3 or targets.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"hidden must be [B, T, H] and targets [B, T]; got {tuple(hidden.shape)}, {tuple(targets.shape)}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    keep = flat_targets != ignore_index
+    rows, picked = flat_hidden[keep], flat_targets[keep]  # prompt and padding never reach the head
+    want_entropy = [entropy]
+    pieces = [
+        checkpoint(
+            _head_chunk,
+            head,
+            rows[start : start + chunk_size],
+            picked[start : start + chunk_size],
+            want_entropy,
+            use_reentrant=False,
+        )
+        for start in range(0, picked.numel(), chunk_size)
+    ]
+    surplus = max(chunks or 0, 1) - len(pieces)
+    padding = [
+        checkpoint(
+            _head_chunk, head, flat_hidden[:1], torch.zeros_like(flat_targets[:1]), [False], use_reentrant=False
+        )[0].sum()
+        for _ in range(surplus)
+    ]
+    want_entropy[0] = False  # the backward's recomputation needs the log-probs only
+    values = torch.cat([p[0] for p in pieces]) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    # Scattered straight into [B, T] (row-major, the order `keep` picked them in): a reshaped view
+    # returned from an FSDP2 module's forward would make FSDP warn that in-place use drops its hook.
+    keep = keep.reshape(targets.shape)
+    logp = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device).masked_scatter(keep, values)
+    if padding:
+        logp = logp + 0.0 * torch.stack(padding).sum()
+    ent = None
+    if entropy:
+        ent_values = torch.cat([p[1] for p in pieces]) if pieces else values.detach()
+        ent = torch.zeros_like(logp, requires_grad=False).masked_scatter(keep, ent_values.detach())
+    return logp, ent
 
 
 def chunked_token_logprobs(
@@ -30,21 +119,13 @@ def chunked_token_logprobs(
     *,
     bias: Optional[torch.Tensor] = None,
     chunk_size: int = 1024,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """``[B, T, H]`` hidden states, ``[V, H]`` LM-head weight, aligned ``[B, T]`` targets -> ``[B, T]`` float32.
 
     Equal to ``token_logprobs(hidden @ weight.T + bias, targets)``; peak extra memory grows with
     ``chunk_size * V``, not ``B * T * V``.
     """
-    if hidden.dim() != 3 or targets.shape != hidden.shape[:2]:
-        raise ValueError(f"hidden must be [B, T, H] and targets [B, T]; got {tuple(hidden.shape)}, {tuple(targets.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
-    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    pieces = [
-        checkpoint(_chunk_logprobs, flat_hidden[start:start + chunk_size], weight, bias,
-                   flat_targets[start:start + chunk_size], ignore_index, use_reentrant=False)
-        for start in range(0, flat_targets.numel(), chunk_size)
-    ]
-    return torch.cat(pieces).reshape(targets.shape)
+    return head_token_logprobs(
+        lambda rows: F.linear(rows, weight, bias), hidden, targets, chunk_size=chunk_size, ignore_index=ignore_index
+    )[0]

@@ -1,4 +1,4 @@
-"""PyTorch implementation of the PSFT objective (PSFT_SPEC.md sections 1, 3 and 4).
+"""PyTorch implementation of the objectives (docs/objective.md sections 1, 3 and 4): PSFT, CE and DFT.
 
 Shapes: ``B`` sequences, ``T`` positions, ``V`` vocabulary entries. Log-probs are float32 nats.
 """
@@ -11,40 +11,47 @@ import torch
 
 from psft_plugin.spec import LOG_RATIO_CLAMP, check_hyperparameters
 
-
 # Rows of [*, V] logits reduced per logsumexp call: bounds the forward's temporary to
 # about 64 MiB of float32 whatever B * T is.
 _LSE_CHUNK_ELEMENTS = 1 << 24
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """log_softmax(logits)[target] with a hand-written backward.
+    """log_softmax(logits)[target] with a hand-written backward, and optionally the entropy.
 
     Autograd of logsumexp + gather keeps ~3 extra ``[B, T, V]`` temporaries alive in backward
     (measured: 4x the logits' size at peak, log_softmax 3x). Here the forward's only
     ``[B, T, V]``-sized temporaries are per-chunk, and the backward builds the gradient
-    ``g * (onehot - softmax)`` in place in one new tensor: peak 2x the logits.
+    ``g * (onehot - softmax)`` in place in one new tensor: peak 2x the logits. The entropy
+    (no gradient) reuses each chunk's logsumexp, so it costs one more pass over the chunk.
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, with_entropy: bool = False):
         flat = logits.reshape(-1, logits.shape[-1])
         rows = max(1, _LSE_CHUNK_ELEMENTS // flat.shape[-1])
-        lse = torch.cat([torch.logsumexp(flat[i:i + rows].float(), dim=-1) for i in range(0, flat.shape[0], rows)])
-        lse = lse.reshape(targets.shape)
+        lse, entropy = [], []
+        for i in range(0, flat.shape[0], rows):
+            block = flat[i : i + rows].float()
+            lse.append(torch.logsumexp(block, dim=-1))
+            if with_entropy:  # H = lse - sum(p * z)
+                entropy.append(lse[-1] - (block - lse[-1].unsqueeze(-1)).exp_().mul_(block).sum(-1))
+        lse = torch.cat(lse).reshape(targets.shape)
         ignored = targets == ignore_index
         safe = targets.masked_fill(ignored, 0)
         picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1).float()
         ctx.save_for_backward(logits, lse, safe, ignored)
-        return (picked - lse).masked_fill(ignored, 0.0)
+        entropy = torch.cat(entropy).reshape(targets.shape).masked_fill(ignored, 0.0) if with_entropy else None
+        ctx.mark_non_differentiable(*([entropy] if with_entropy else []))
+        return (picked - lse).masked_fill(ignored, 0.0), entropy
 
     @staticmethod
-    def backward(ctx, grad_logp: torch.Tensor):
+    def backward(ctx, grad_logp: torch.Tensor, grad_entropy: Optional[torch.Tensor] = None):
         logits, lse, safe, ignored = ctx.saved_tensors
         g = grad_logp.masked_fill(ignored, 0.0).unsqueeze(-1)
         grad = torch.sub(logits.float(), lse.unsqueeze(-1)).exp_().mul_(-g)
         grad.scatter_add_(-1, safe.unsqueeze(-1), g)
-        return grad.to(logits.dtype), None, None
+        return grad.to(logits.dtype), None, None, None
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -54,9 +61,22 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
     ``[B, T]`` tensors (no log_softmax copy), and the backward peaks at one gradient-sized
     tensor. Ignored positions give 0.
     """
+    return token_logprobs_and_entropy(logits, targets, ignore_index, entropy=False)[0]
+
+
+def token_logprobs_and_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, entropy: bool = True
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`token_logprobs` plus, with ``entropy``, each position's predictive entropy in one pass.
+
+    Returns ``([B, T] float32 log-probs, [B, T] float32 entropy in nats or None)``; the entropy has
+    no gradient and is 0 at ignored positions.
+    """
     if logits.dim() != 3 or targets.shape != logits.shape[:2]:
-        raise ValueError(f"logits must be [B, T, V] and targets [B, T]; got {tuple(logits.shape)}, {tuple(targets.shape)}")
-    return _TokenLogprobs.apply(logits, targets, ignore_index)
+        raise ValueError(
+            f"logits must be [B, T, V] and targets [B, T]; got {tuple(logits.shape)}, {tuple(targets.shape)}"
+        )
+    return _TokenLogprobs.apply(logits, targets, ignore_index, entropy)
 
 
 @torch.no_grad()
@@ -145,7 +165,7 @@ def psft_ce_weights(
     """Detached ``[B, T]`` weights ``w`` with ``grad(sum(c * w * ce)) == grad(psft_loss)``.
 
     ``ce = -logp`` per token and ``c`` the aggregation weights. This is the weighted-CE form of
-    PSFT_SPEC.md section 1: any kernel returning per-token CE with gradient can train PSFT.
+    docs/objective.md section 1: any kernel returning per-token CE with gradient can train PSFT.
     """
     logp, old_logp = logp.detach(), old_logp.detach()
     adv = torch.ones_like(logp) if advantages is None else advantages.to(logp.dtype)
@@ -171,3 +191,30 @@ def ce_loss(
     tokens = mask.sum()
     loss = (aggregate_weights(mask, agg, num_tokens) * -logp).sum()
     return loss, {"nll": (-logp.detach() * mask).sum() / tokens.clamp(min=1.0), "tokens": tokens}
+
+
+def dft_loss(
+    logp: torch.Tensor,
+    old_logp: Optional[torch.Tensor],
+    mask: torch.Tensor,
+    *,
+    agg: str = "token-mean",
+    num_tokens: Optional[float] = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Dynamic Fine-Tuning: ``-stopgrad(exp(logp)) * logp`` per token, aggregated like PSFT; ``old_logp`` is ignored.
+
+    ``logp`` and ``mask`` are ``[B, T]``. Metrics (detached, over this call's response tokens):
+    ``nll`` (mean ``-logp``), ``weight_mean`` (mean token weight ``exp(logp)``) and ``tokens``.
+    """
+    check_hyperparameters(0.0, 0.0, agg, num_tokens)
+    _check_shapes(logp, mask=mask)
+    mask = mask.to(logp.dtype)
+    tokens = mask.sum()
+    prob = logp.detach().exp()
+    loss = (aggregate_weights(mask, agg, num_tokens) * -prob * logp).sum()
+    denom = tokens.clamp(min=1.0)
+    return loss, {
+        "nll": (-logp.detach() * mask).sum() / denom,
+        "weight_mean": (prob * mask).sum() / denom,
+        "tokens": tokens,
+    }

@@ -1,6 +1,6 @@
 """A ``transformers.Trainer`` mixin that trains any registered objective, PSFT included.
 
-PSFT_SPEC.md sections 2 and 3. Mix it in front of any ``Trainer`` subclass::
+docs/objective.md sections 2 and 3. Mix it in front of any ``Trainer`` subclass::
 
     class MyTrainer(PSFTTrainerMixin, Trainer): ...
     trainer = MyTrainer(model=..., args=..., psft_config={"loss": "psft", "psft_refresh_steps": 8})
@@ -19,6 +19,11 @@ How it hooks into the host (transformers 5):
   accumulation steps and multiplies by the number of processes, which DDP's gradient mean
   undoes. ``args.average_tokens_across_devices`` is forced on so the count is global.
 - Evaluation uses plain token-mean NLL, so ``eval_loss`` stays cross-entropy.
+- Where the per-token log-probs come from is one :class:`LogprobPath`, chosen once in
+  :meth:`PSFTTrainerMixin.configure_psft` from ``psft_lm_head_chunk_size``: the model's full
+  ``[B, T, V]`` logits (0), or the LM head applied N response tokens at a time inside the model's
+  forward (:mod:`psft_torch.lm_head`), for the training forward, the old-policy stamp and
+  evaluation alike, whatever the objective.
 - Step metrics (token-weighted over the step's micro-batches and ranks) go through
   :meth:`PSFTTrainerMixin.psft_record`; by default they are added to the next training log.
 """
@@ -26,58 +31,43 @@ How it hooks into the host (transformers 5):
 from __future__ import annotations
 
 import math
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
 from typing_extensions import override
 
-from psft_plugin import ConfigError, default_registry, get_objective
-from psft_plugin.objective import Objective
-from psft_plugin.options import unknown_keys
+from psft_plugin import get_objective
+from psft_plugin.config import LOSS_OPTION, Settings, resolve
+from psft_plugin.metrics import ENTROPY, MEAN, MIN, OBJECTIVE, SUM, TOKENS, combine_steps, prefixed, reduction
+from psft_plugin.objectives import LM_HEAD_CHUNK_KEY
+from psft_plugin.window import SFT, STAMPED, Window, open_window
+from psft_torch.lm_head import ENTROPY_KEY, LOGP_KEY, install_chunked_head, remove_chunked_head
 from psft_torch.loss import token_entropy, token_logprobs
-from psft_torch.window import FIRST, SFT, STAMPED, Window, take_groups, window_length
 
 OLD_LOGP_KEY = "psft_old_logp"
 IGNORE_INDEX = -100
 FUSED_LOSS_HINT = (
     "PSFT needs the model's logits to compute per-token log-probabilities. Turn off fused "
-    "loss kernels that skip them (Axolotl: `cut_cross_entropy`, `liger_fused_linear_cross_entropy`)."
+    "loss kernels that skip them (Axolotl: `cut_cross_entropy`, `liger_fused_linear_cross_entropy`); "
+    "`psft_lm_head_chunk_size: 1024` saves the same memory (no [B, T, V] logits)."
 )
-METRIC_PREFIX = "psft/"
 
 
 @dataclass(frozen=True)
-class PSFTSettings:
-    """A validated trainer configuration: the objective, its loss and the window sizes."""
-
-    objective: Objective
-    resolved: Mapping[str, Any]
-    refresh_steps: int
-    warmup_steps: int
+class PSFTSettings(Settings):
+    """The core :class:`~psft_plugin.config.Settings` plus the torch loss of each window group kind."""
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], default_loss: str = "psft") -> "PSFTSettings":
-        """Validate ``{"loss": name, "psft_*": value}``; raises :class:`ConfigError` listing every problem."""
-        registry = default_registry()
-        problems = unknown_keys(config, registry.option_keys(), prefix="psft_")
-        objective = registry.get(config.get("loss") or default_loss)
-        try:
-            resolved = objective.resolve(config)
-        except ConfigError as error:
-            raise ConfigError(problems + error.problems) from None
-        if problems:
-            raise ConfigError(problems)
-        uses_window = objective.uses_old_policy
-        return cls(
-            objective=objective,
-            resolved=resolved,
-            refresh_steps=int(resolved.get("psft_refresh_steps", 1)) if uses_window else 1,
-            warmup_steps=int(resolved.get("psft_warmup_steps", 0)) if uses_window else 0,
-        )
+    def from_config(cls, config: Mapping[str, Any], host_problems: Sequence[str] = ()) -> "PSFTSettings":
+        """Validate ``{"loss": name, "psft_*": value}`` with the core resolver (every other key is unknown).
+
+        Raises :class:`ConfigError` listing every problem, ``host_problems`` (the trainer's own) included.
+        """
+        settings = resolve(config, closed=True, host_problems=host_problems)
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(Settings)})
 
     def loss(self, kind: str) -> tuple[Callable[..., Any], dict[str, Any]]:
         """The loss function and its keyword arguments for a group ``kind`` (warm-up trains CE)."""
@@ -119,20 +109,73 @@ ENTROPY_CHUNK_ELEMENTS = 2**24  # 64 MiB of float32 per temporary
 
 
 @torch.no_grad()
-def masked_entropy_sum(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum over masked positions of the predictive entropy (nats), a few positions at a time.
+def masked_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` float32 predictive entropy (nats) at masked positions, 0 elsewhere, a few rows at a time.
 
     Chunking bounds the float32 temporaries to ~``ENTROPY_CHUNK_ELEMENTS`` instead of
     ``B x T x V`` (which is gigabytes for a 150k vocabulary).
     """
     chunk = max(1, ENTROPY_CHUNK_ELEMENTS // logits.shape[-1])
     flat, keep = logits.detach().reshape(-1, logits.shape[-1]), mask.reshape(-1)
-    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    out = torch.zeros(keep.shape, dtype=torch.float32, device=logits.device)
     for start in range(0, flat.shape[0], chunk):
-        rows = flat[start:start + chunk][keep[start:start + chunk]]
-        if rows.numel():
-            total = total + token_entropy(rows.unsqueeze(0)).sum()
-    return total
+        rows = keep[start : start + chunk]
+        if rows.any():
+            out[start : start + chunk][rows] = token_entropy(flat[start : start + chunk][rows].unsqueeze(0))[0]
+    return out.reshape(mask.shape)
+
+
+LogprobsFn = Callable[[Any, torch.Tensor, bool], tuple[torch.Tensor, Optional[torch.Tensor]]]
+"""``(model outputs, [B, T] targets, entropy?) -> ([B, T] float32 log-probs, [B, T] entropy or None)``."""
+
+
+@dataclass(frozen=True)
+class LogprobPath:
+    """Where a micro-batch's per-token log-probs come from: the trainer's one switch between paths.
+
+    ``forward_kwargs(targets, entropy)`` are extra keyword arguments for the model's forward;
+    ``logprobs`` reads the log-probs (with gradient) and, when asked, the entropy from its output.
+    """
+
+    name: str
+    forward_kwargs: Callable[[torch.Tensor, bool], dict[str, Any]]
+    logprobs: LogprobsFn
+
+
+def full_logits_logprobs(
+    outputs: Any, targets: torch.Tensor, entropy: bool
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """From the model's ``[B, T, V]`` logits (``psft_lm_head_chunk_size: 0``)."""
+    logits = model_logits(outputs, targets)
+    return token_logprobs(logits, targets), masked_entropy(logits, targets != IGNORE_INDEX) if entropy else None
+
+
+def chunked_head_logprobs(
+    outputs: Any, targets: torch.Tensor, entropy: bool
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """From the ``psft_logp`` / ``psft_entropy`` the patched forward returns (:mod:`psft_torch.lm_head`)."""
+    logp = outputs.get(LOGP_KEY) if isinstance(outputs, Mapping) else None
+    if logp is None or logp.shape != targets.shape:
+        raise RuntimeError(
+            f"`{LM_HEAD_CHUNK_KEY}` is set but the model's forward returned no {tuple(targets.shape)} "
+            f"`{LOGP_KEY}`: something replaced the patched forward after the trainer was configured"
+        )
+    return logp, outputs.get(ENTROPY_KEY) if entropy else None
+
+
+FULL_LOGITS = LogprobPath("full logits", lambda targets, entropy: {}, full_logits_logprobs)
+
+
+def logprob_path(model: torch.nn.Module, chunk_size: int, sharded: bool = False) -> LogprobPath:
+    """The path for ``psft_lm_head_chunk_size: chunk_size``; installs (or removes) the model patch.
+
+    ``sharded`` (ZeRO-3, FSDP): every rank makes the same number of LM-head calls.
+    """
+    if chunk_size == 0:
+        remove_chunked_head(model)
+        return FULL_LOGITS
+    head = install_chunked_head(model, chunk_size, balance_chunks=sharded)
+    return LogprobPath(f"LM head in chunks of {chunk_size} tokens", head.forward_kwargs, chunked_head_logprobs)
 
 
 def _all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
@@ -144,39 +187,60 @@ def _all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
 
 @dataclass
 class StepMetrics:
-    """Token-weighted sums of one optimizer step's micro-batch metrics (on the model's device)."""
+    """One optimizer step's micro-batch metrics on the model's device, combined as :mod:`psft_plugin.metrics` says.
+
+    ``sums``: a sum's running total, or a mean's response-token weighted total; ``weights``: a
+    mean's tokens over the micro-batches that have it; ``lows``: an extreme over the micro-batches
+    with tokens (a maximum negated, so that one ``MIN`` collective reduces both kinds).
+    """
 
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    ratio_min: Optional[torch.Tensor] = None
-    ratio_max: Optional[torch.Tensor] = None
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    lows: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def add(self, loss: torch.Tensor, metrics: Mapping[str, torch.Tensor], entropy_sum: torch.Tensor) -> None:
-        """Add one micro-batch: its loss (already divided by the step's count) and its metrics."""
-        tokens = metrics["tokens"].detach().float()
-        parts = {"tokens": tokens, "entropy": entropy_sum, "objective": loss.detach().float()}
-        parts.update({k: v.detach().float() * tokens for k, v in metrics.items()
-                      if k not in ("tokens", "ratio_min", "ratio_max")})
-        for name, value in parts.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value
-        if "ratio_min" in metrics:
-            inf = torch.full_like(tokens, math.inf)
-            low = torch.where(tokens > 0, metrics["ratio_min"].detach().float(), inf)
-            high = torch.where(tokens > 0, metrics["ratio_max"].detach().float(), -inf)
-            self.ratio_min = low if self.ratio_min is None else torch.minimum(self.ratio_min, low)
-            self.ratio_max = high if self.ratio_max is None else torch.maximum(self.ratio_max, high)
+        """Add one micro-batch: its loss (already divided by the step's count), its metrics, its entropy sum."""
+        tokens = metrics[TOKENS].detach().float()
+        values = {
+            name: torch.as_tensor(value, device=tokens.device).detach().float() for name, value in metrics.items()
+        }
+        values[OBJECTIVE] = loss.detach().float()
+        for name, value in values.items():
+            kind = reduction(name)
+            if kind == SUM:
+                self.sums[name] = self.sums.get(name, 0.0) + value
+            elif kind == MEAN:
+                self._add_mean(name, value * tokens, tokens)
+            else:
+                low = torch.where(tokens > 0, value if kind == MIN else -value, torch.full_like(value, math.inf))
+                self.lows[name] = torch.minimum(self.lows[name], low) if name in self.lows else low
+        self._add_mean(ENTROPY, entropy_sum.float(), tokens)
+
+    def _add_mean(self, name: str, weighted: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + weighted
+        self.weights[name] = self.weights.get(name, 0.0) + tokens
 
     def reduce(self) -> dict[str, float]:
-        """Step means over all ranks: ``{"psft/<name>": value}`` (one collective per reduction)."""
-        names = sorted(self.sums)
-        totals = dict(zip(names, _all_reduce(torch.stack([self.sums[n] for n in names]), "SUM").tolist()))
-        tokens = totals.pop("tokens")
-        out = {name: value / max(tokens, 1.0) for name, value in totals.items() if name != "objective"}
-        out["objective"] = totals["objective"]
-        if self.ratio_min is not None:
-            low = _all_reduce(self.ratio_min.clone(), "MIN").item()
-            high = _all_reduce(self.ratio_max.clone(), "MAX").item()
-            out["ratio_min"], out["ratio_max"] = (low, high) if math.isfinite(low) else (1.0, 1.0)
-        return {METRIC_PREFIX + name: value for name, value in out.items()}
+        """The step's values over all ranks: ``{"psft/<name>": value}`` (one ``SUM``, one ``MIN`` collective).
+
+        A mean or an extreme without any response token in the step is left out.
+        """
+        names, weighted = sorted(self.sums), sorted(self.weights)
+        totals = _all_reduce(
+            torch.stack([self.sums[n] for n in names] + [self.weights[n] for n in weighted]), "SUM"
+        ).tolist()
+        weights = dict(zip(weighted, totals[len(names) :]))
+        out = {
+            name: total if name not in weights else total / weights[name]
+            for name, total in zip(names, totals)
+            if weights.get(name, 1.0) > 0
+        }
+        if self.lows:
+            lows = sorted(self.lows)
+            for name, low in zip(lows, _all_reduce(torch.stack([self.lows[n] for n in lows]), "MIN").tolist()):
+                if math.isfinite(low):
+                    out[name] = low if reduction(name) == MIN else -low
+        return prefixed(out)
 
 
 @dataclass
@@ -190,19 +254,8 @@ class _Step:
     metrics: StepMetrics = field(default_factory=StepMetrics)
 
 
-def average_records(records: list[dict[str, float]]) -> dict[str, float]:
-    """Combine per-step metric dicts for one log line: min of minima, max of maxima, mean otherwise."""
-    reducers = {METRIC_PREFIX + "ratio_min": min, METRIC_PREFIX + "ratio_max": max}
-    keys = {key for record in records for key in record}
-    combined = {}
-    for key in sorted(keys):
-        values = [record[key] for record in records if key in record]
-        combined[key] = reducers.get(key, lambda v: sum(v) / len(v))(values)
-    return combined
-
-
-def _check_data_parallel(accelerator_processes: int) -> None:
-    """Refuse to train when several processes run but the accelerator does not see them.
+def _data_parallel_problems(accelerator_processes: int) -> list[str]:
+    """Several processes run but the accelerator does not see them: a problem to refuse training with.
 
     On a CPU-only machine accelerate ignores ``torchrun``'s ranks unless ``ACCELERATE_USE_CPU``
     is set: every rank would then train its own replica on the same data, unsynchronised.
@@ -210,9 +263,12 @@ def _check_data_parallel(accelerator_processes: int) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         world = torch.distributed.get_world_size()
         if world > 1 and accelerator_processes != world:
-            raise ConfigError([f"{world} processes were launched but the trainer's accelerator uses "
-                               f"{accelerator_processes}: the ranks would train unsynchronised copies. On CPU "
-                               f"set the environment variable ACCELERATE_USE_CPU=true (gloo data parallel)."])
+            return [
+                f"{world} processes were launched but the trainer's accelerator uses "
+                f"{accelerator_processes}: the ranks would train unsynchronised copies. On CPU "
+                f"set the environment variable ACCELERATE_USE_CPU=true (gloo data parallel)."
+            ]
+    return []
 
 
 class PSFTTrainerMixin:
@@ -225,6 +281,7 @@ class PSFTTrainerMixin:
     def __init__(self, *args: Any, psft_config: Optional[Mapping[str, Any]] = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._psft: Optional[PSFTSettings] = None
+        self._psft_path: LogprobPath = FULL_LOGITS
         self._psft_window: Optional[Window] = None
         self._psft_step: Optional[_Step] = None
         self._psft_pending: dict[str, Any] = {}
@@ -234,22 +291,39 @@ class PSFTTrainerMixin:
         if psft_config is not None:
             self.configure_psft(psft_config)
 
-    def configure_psft(self, config: Mapping[str, Any], default_loss: str = "psft") -> PSFTSettings:
-        """Validate ``config`` and install the objective as this trainer's loss."""
-        settings = PSFTSettings.from_config(config, default_loss=default_loss)
-        if self.compute_loss_func is not None and self.compute_loss_func != self._psft_loss_func:
-            raise ConfigError([f"the trainer already has a `compute_loss_func` ({self.compute_loss_func!r}); "
-                               f"`loss: {settings.objective.name}` computes the loss itself, remove the other one"])
-        if not getattr(self, "_loss_shifts_labels", True):
-            raise ConfigError([f"`loss: {settings.objective.name}` supports causal language models only "
-                               f"(labels shifted by one); this model's loss does not shift its labels"])
-        _check_data_parallel(self.accelerator.num_processes)
+    def configure_psft(self, config: Mapping[str, Any]) -> PSFTSettings:
+        """Validate ``config`` (core rules and this trainer's) and install the objective as this trainer's loss."""
+        settings = PSFTSettings.from_config(config, host_problems=self._psft_host_problems(config))
+        sharded = bool(getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False))
+        self._psft_path = logprob_path(self.model, settings.lm_head_chunk_size, sharded=sharded)
         self.compute_loss_func = self._psft_loss_func
         # The step's response-token count must span all ranks (spec section 3); transformers
         # then multiplies each micro-batch loss by the process count, which DDP's mean undoes.
         self.args.average_tokens_across_devices = True
         self._psft = settings
         return settings
+
+    def _psft_host_problems(self, config: Mapping[str, Any]) -> list[str]:
+        """What this trainer cannot run ``config`` with: its host's settings, not the configuration's rules."""
+        name = config.get("loss") or LOSS_OPTION.default
+        problems = []
+        if self.compute_loss_func is not None and self.compute_loss_func != self._psft_loss_func:
+            problems.append(
+                f"the trainer already has a `compute_loss_func` ({self.compute_loss_func!r}); "
+                f"`loss: {name}` computes the loss itself, remove the other one"
+            )
+        if not getattr(self, "_loss_shifts_labels", True):
+            problems.append(
+                f"`loss: {name}` supports causal language models only (labels shifted by one); "
+                f"this model's loss does not shift its labels"
+            )
+        problems += _data_parallel_problems(self.accelerator.num_processes)
+        return problems
+
+    @property
+    def psft_logprob_path(self) -> LogprobPath:
+        """Where this trainer's per-token log-probs come from (set by :meth:`configure_psft`)."""
+        return self._psft_path
 
     # ----- the old-policy window -----------------------------------------------------------
     @override
@@ -265,12 +339,16 @@ class PSFTTrainerMixin:
 
     def _psft_open_window(self, iterator: Iterator, num_batches: int) -> Window:
         """Prefetch the window's groups and stamp old log-probs on all but the first."""
-        settings, step = self._psft, self.state.global_step
-        length = window_length(step, self.state.max_steps, settings.refresh_steps, settings.warmup_steps)
-        groups = take_groups(iterator, num_batches, self.args.gradient_accumulation_steps, length)
-        self._psft_stamp([batch for group in groups[1:] for batch in group])
-        kinds = [SFT if step < settings.warmup_steps else FIRST] + [STAMPED] * (len(groups) - 1)
-        return Window(iterator, deque(zip(groups, kinds)))
+        return open_window(
+            iterator,
+            self.state.global_step,
+            max_steps=self.state.max_steps,
+            refresh_steps=self._psft.refresh_steps,
+            warmup_steps=self._psft.warmup_steps,
+            first_size=num_batches,
+            group_size=self.args.gradient_accumulation_steps,
+            stamp=self._psft_stamp,
+        )
 
     @torch.no_grad()
     def _psft_stamp(self, batches: list[dict]) -> None:
@@ -319,23 +397,28 @@ class PSFTTrainerMixin:
                 "shift_labels": inputs.pop("shift_labels", None),
                 "training": model.training,
             }
+            if inputs.get("labels") is not None or self._psft_pending["shift_labels"] is not None:
+                targets = aligned_targets(inputs.get("labels"), self._psft_pending["shift_labels"])
+                entropy = model.training and not self._psft_stamping  # a training metric only
+                inputs = {**inputs, **self._psft_path.forward_kwargs(targets, entropy)}
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def _psft_loss_func(self, outputs: Any, labels: Optional[torch.Tensor], num_items_in_batch: Any = None):
         """The host's ``compute_loss_func``: one micro-batch's share of the step's loss."""
         pending = self._psft_pending
         targets = aligned_targets(labels, pending.get("shift_labels"))
-        logits = model_logits(outputs, targets)
-        logp, mask = token_logprobs(logits, targets), targets != IGNORE_INDEX
+        training = pending.get("training", False) and not self._psft_stamping
+        logp, entropy = self._psft_path.logprobs(outputs, targets, training)
+        mask = targets != IGNORE_INDEX
         if self._psft_stamping:
             self._psft_stamped = logp.detach()
             return logp.new_zeros(())
-        if not pending.get("training", False):  # evaluation: plain NLL over this batch
+        if not training:  # evaluation: plain NLL over this batch
             fn, kwargs = self._psft.loss(SFT)
             return fn(logp, None, mask, **kwargs)[0]
-        return self._psft_train_loss(logits, logp, mask, pending.get("old_logp"))
+        return self._psft_train_loss(logp, entropy, mask, pending.get("old_logp"))
 
-    def _psft_train_loss(self, logits, logp, mask, old_logp) -> torch.Tensor:
+    def _psft_train_loss(self, logp, entropy, mask, old_logp) -> torch.Tensor:
         """Loss of one training micro-batch; closes the step's metrics after its last one."""
         step = self._psft_step
         if step is None or step.denominator is None:
@@ -345,7 +428,7 @@ class PSFTTrainerMixin:
         old = old_logp if step.kind == STAMPED else logp.detach()
         fn, kwargs = self._psft.loss(step.kind)
         loss, metrics = fn(logp, old, mask, num_tokens=step.denominator, **kwargs)
-        step.metrics.add(loss, metrics, masked_entropy_sum(logits, mask))
+        step.metrics.add(loss, metrics, (entropy * mask).sum())
         step.seen += 1
         if step.seen == step.size:
             self.psft_record(step.metrics.reduce())
@@ -359,7 +442,7 @@ class PSFTTrainerMixin:
     @override
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._psft_records:
-            logs.update(average_records(self._psft_records))
+            logs.update(combine_steps(self._psft_records))
             self._psft_records = []
         return super().log(logs, *args, **kwargs)
 
