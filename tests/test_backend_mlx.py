@@ -1,12 +1,11 @@
 """psft_mlx reproduces every shipped vector; the weighted-CE form has PSFT's gradient."""
 
+import mlx.core as mx  # noqa: E402
 import numpy as np
 import pytest
-
-import mlx.core as mx  # noqa: E402
+from vectors import DFT_CASES, DFT_METRICS, LOGPROB_CASES, LOSS_CASES, METRICS, TOLERANCE, max_rel_err  # noqa: E402
 
 import psft_mlx  # noqa: E402
-from vectors import LOGPROB_CASES, LOSS_CASES, METRICS, TOLERANCE, max_rel_err  # noqa: E402
 
 
 def _a(values):
@@ -27,6 +26,19 @@ def test_loss_gradient_and_metrics_match_the_vectors(case):
     assert max_rel_err(loss.item(), case["loss"]) <= TOLERANCE
     assert max_rel_err(np.array(grad), case["grad"]) <= TOLERANCE
     for name in METRICS:
+        assert max_rel_err(metrics[name].item(), case["metrics"][name]) <= TOLERANCE, name
+
+
+@pytest.mark.parametrize("case", DFT_CASES, ids=lambda c: c["name"])
+def test_dft_loss_gradient_and_metrics_match_the_vectors(case):
+    mask = _a(case["mask"])
+    logp = _a(case["logp"])
+    loss, grad = mx.value_and_grad(lambda lp: psft_mlx.dft_loss(lp, None, mask, **case["kwargs"])[0])(logp)
+    _, metrics = psft_mlx.dft_loss(logp, None, mask, **case["kwargs"])
+    assert max_rel_err(loss.item(), case["loss"]) <= TOLERANCE
+    assert max_rel_err(np.array(grad), case["grad"]) <= TOLERANCE
+    assert set(metrics) == set(DFT_METRICS)
+    for name in DFT_METRICS:
         assert max_rel_err(metrics[name].item(), case["metrics"][name]) <= TOLERANCE, name
 
 

@@ -10,6 +10,7 @@ prompt, never padding.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -56,8 +57,11 @@ def to_micro_batch(tokens: mx.array, lengths: mx.array) -> MicroBatch:
     per_row = mask.sum(axis=1)
     mx.eval(mask, per_row)
     return MicroBatch(
-        inputs=tokens[:, :-1], targets=tokens[:, 1:], mask=mask,
-        tokens=int(per_row.sum().item()), rows=int((per_row > 0).sum().item()),
+        inputs=tokens[:, :-1],
+        targets=tokens[:, 1:],
+        mask=mask,
+        tokens=int(per_row.sum().item()),
+        rows=int((per_row > 0).sum().item()),
     )
 
 
@@ -69,16 +73,20 @@ def iterate_micro_batches(
     loop: bool,
     seed: Optional[int] = None,
     iterate_batches: Optional[Callable[..., Iterator]] = None,
+    skip: int = 0,
 ) -> Iterator[MicroBatch]:
     """mlx-lm's batching (length-sorted buckets, shuffled per epoch) as :class:`MicroBatch` es.
 
     ``iterate_batches`` defaults to :func:`mlx_lm.tuner.trainer.iterate_batches`; pass another
-    with the same signature to change the order or padding.
+    with the same signature to change the order or padding. ``skip`` drops that many batches
+    first (a resumed run continues the same order).
     """
     if iterate_batches is None:
         from mlx_lm.tuner.trainer import iterate_batches
-    for tokens, lengths in iterate_batches(dataset=dataset, batch_size=batch_size,
-                                           max_seq_length=max_seq_length, loop=loop, seed=seed):
+    batches = iterate_batches(
+        dataset=dataset, batch_size=batch_size, max_seq_length=max_seq_length, loop=loop, seed=seed
+    )
+    for tokens, lengths in itertools.islice(batches, skip, None):
         yield to_micro_batch(tokens, lengths)
 
 

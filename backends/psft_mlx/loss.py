@@ -1,4 +1,4 @@
-"""MLX implementation of the PSFT objective (PSFT_SPEC.md sections 1, 3 and 4).
+"""MLX implementation of the objectives (docs/objective.md sections 1, 3 and 4): PSFT, CE and DFT.
 
 Shapes: ``B`` sequences, ``T`` positions, ``V`` vocabulary entries. Log-probs are float32 nats.
 Everything here is a pure function of its inputs, so it can be traced by ``mx.compile`` with
@@ -21,7 +21,9 @@ def token_logprobs(logits: mx.array, targets: mx.array, ignore_index: int = -100
     Ignored positions give 0.
     """
     if logits.ndim != 3 or tuple(targets.shape) != tuple(logits.shape[:2]):
-        raise ValueError(f"logits must be [B, T, V] and targets [B, T]; got {tuple(logits.shape)}, {tuple(targets.shape)}")
+        raise ValueError(
+            f"logits must be [B, T, V] and targets [B, T]; got {tuple(logits.shape)}, {tuple(targets.shape)}"
+        )
     logits = logits.astype(mx.float32)
     ignored = targets == ignore_index
     safe = mx.where(ignored, 0, targets).astype(mx.int32)
@@ -120,3 +122,30 @@ def ce_loss(
     tokens = mask.sum()
     loss = (aggregate_weights(mask, agg, num_tokens) * -logp).sum()
     return loss, {"nll": (mx.stop_gradient(-logp) * mask).sum() / mx.maximum(tokens, 1.0), "tokens": tokens}
+
+
+def dft_loss(
+    logp: mx.array,
+    old_logp: Optional[mx.array],
+    mask: mx.array,
+    *,
+    agg: str = "token-mean",
+    num_tokens: Optional[float] = None,
+) -> tuple[mx.array, dict[str, mx.array]]:
+    """Dynamic Fine-Tuning: ``-stopgrad(exp(logp)) * logp`` per token, aggregated like PSFT; ``old_logp`` is ignored.
+
+    ``logp`` and ``mask`` are ``[B, T]``. Metrics (no gradient, over this call's response tokens):
+    ``nll`` (mean ``-logp``), ``weight_mean`` (mean token weight ``exp(logp)``) and ``tokens``.
+    """
+    check_hyperparameters(0.0, 0.0, agg, num_tokens)
+    _check_shapes(logp, mask=mask)
+    mask = mask.astype(mx.float32)
+    tokens = mask.sum()
+    prob = mx.exp(mx.stop_gradient(logp))
+    loss = (aggregate_weights(mask, agg, num_tokens) * -prob * logp).sum()
+    denom = mx.maximum(tokens, 1.0)
+    return loss, {
+        "nll": (mx.stop_gradient(-logp) * mask).sum() / denom,
+        "weight_mean": (prob * mask).sum() / denom,
+        "tokens": tokens,
+    }

@@ -1,29 +1,37 @@
-"""The MLX training loop: refresh, step and report phases (PSFT_SPEC.md sections 2 and 3).
+"""The MLX training loop: refresh, step and report phases (docs/objective.md sections 2 and 3).
 
 :func:`train` takes a model, an optimizer, an iterator of :class:`~psft_mlx.data.MicroBatch`,
 an objective from the registry and its resolved options; it returns one record per optimizer
 step. It knows nothing about files or YAML: evaluation, saving and reporting are passed in,
 like mlx-lm's ``train``, so the parity suite can drive it with its own model and data order.
 
+Schedule: as in mlx-lm, ``iters``, ``steps_per_report``, ``steps_per_eval`` and ``save_every``
+count iterations (micro-batches); the optimizer updates every ``grad_accumulation_steps``
+iterations, so ``iters // GA`` optimizer steps are taken.
+
 Old policy: every ``psft_refresh_steps`` = K optimizer steps the loop takes the next K × GA
 micro-batches, stamps each with its log-probs under the current weights (eval mode, no
 gradient, no model copy), then runs K optimizer steps on them in order. The first GA
 micro-batches of a window are not stamped: r = 1 there, so the training forward's own
-``stop_gradient(logp)`` is their old log-prob.
+``stop_gradient(logp)`` is their old log-prob. The schedule is :mod:`psft_plugin.window`, the
+torch trainer's too: windows are aligned to the optimizer step counter, so a run resumed in the
+middle of a window trains a shortened one up to the next boundary.
 
 Aggregation: each micro-batch loss is computed with ``num_tokens=1`` (a plain sum over its
 tokens or rows) and multiplied by ``1 / D``, D = the whole optimizer step's denominator; the
 gradients are summed and applied once. That equals ``num_tokens=D`` but keeps D an array
 input, so ``mx.compile`` does not retrace every step.
+
+Cost per iteration: one ``mx.eval`` (the update is evaluated with the last micro-batch), one
+host read of the step's scalars, and the entropy metric only on the micro-batch that closes
+a report (a softmax over the vocabulary is ~5% of a small model's step).
 """
 
 from __future__ import annotations
 
-import itertools
 import time
-from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -31,15 +39,22 @@ from mlx.utils import tree_map
 
 from psft_mlx.data import MicroBatch
 from psft_mlx.loss import token_entropy, token_logprobs
+from psft_plugin.metrics import ENTROPY, TOKENS, combine, prefixed
 from psft_plugin.objective import Objective
+from psft_plugin.window import FIRST, SFT, Window, open_window
 
-MEAN_METRICS = ("clipfrac", "ratio_mean", "approx_kl", "entropy", "nll")
+PART_KEYS = ("loss", "loss_sum", "denominator")
+"""A micro-batch part's own values beside its metrics (see :func:`step_parts`); not metrics themselves."""
 LogprobsFn = Callable[[nn.Module, mx.array, mx.array], tuple[mx.array, Optional[mx.array]]]
 
 
 @dataclass
 class LoopArgs:
-    """Schedule of the loop, in optimizer steps (mlx-lm counts micro-batches; see docs/mlx.md)."""
+    """Schedule of the loop, in iterations (micro-batches) as mlx-lm counts them.
+
+    ``start_iteration``: iterations already trained (a resumed run); the step counter, the
+    reports and the checkpoint numbers continue from there, up to ``iters`` in all.
+    """
 
     iters: int
     grad_accumulation_steps: int = 1
@@ -48,6 +63,7 @@ class LoopArgs:
     save_every: int = 100
     clear_cache_threshold: int = 0
     compile: bool = True
+    start_iteration: int = 0
 
 
 class Callback(Protocol):
@@ -63,27 +79,35 @@ def model_logprobs(model: nn.Module, inputs: mx.array, targets: mx.array) -> tup
 
     A replacement (e.g. a chunked kernel that never holds ``[B, T, V]`` logits) may return
     ``None`` for the entropies: the metric is then left out. MLX is lazy, so callers that use
-    only the log-probs (refresh, evaluation) never compute the entropies.
+    only the log-probs (refresh, evaluation, steps without the entropy metric) never compute
+    the entropies.
     """
     logits = model(inputs)
     return token_logprobs(logits, targets), token_entropy(logits)
 
 
-def make_step_fn(model: nn.Module, loss_fn: Callable, loss_kwargs: Mapping[str, Any],
-                 logprobs_fn: LogprobsFn = model_logprobs, compile: bool = True) -> Callable:
+def make_step_fn(
+    model: nn.Module,
+    loss_fn: Callable,
+    loss_kwargs: Mapping[str, Any],
+    logprobs_fn: LogprobsFn = model_logprobs,
+    compile: bool = True,
+    with_entropy: bool = True,
+) -> Callable:
     """``fn(inputs, targets, mask, old_logp|None, scale) -> ((loss, metrics), grads)`` for one micro-batch.
 
     ``old_logp=None`` takes the old policy from this forward (r = 1). ``scale`` (0-dim array)
     is ``1 / step denominator``. Every varying value is an argument, never a captured array:
-    ``mx.compile`` would freeze a capture at its first value.
+    ``mx.compile`` would freeze a capture at its first value. ``with_entropy=False`` leaves
+    the entropy metric out (and uncomputed).
     """
 
     def objective(inputs, targets, mask, old_logp, scale):
         logp, entropy = logprobs_fn(model, inputs, targets)
         old = mx.stop_gradient(logp) if old_logp is None else old_logp
         loss, metrics = loss_fn(logp, old, mask, num_tokens=1.0, **loss_kwargs)
-        if entropy is not None:
-            metrics = {**metrics, "entropy": (entropy * mask).sum() / mx.maximum(mask.sum(), 1.0)}
+        if with_entropy and entropy is not None:
+            metrics = {**metrics, ENTROPY: (entropy * mask).sum() / mx.maximum(mask.sum(), 1.0)}
         return loss * scale, metrics
 
     value_and_grad = nn.value_and_grad(model, objective)
@@ -99,42 +123,52 @@ def step_denominator(group: Sequence[MicroBatch], agg: str) -> int:
 
 
 def combine_metrics(parts: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """Token-weighted means (min/max for the ratio extremes) of micro-batch or step metrics.
+    """The metrics of micro-batch parts (or step records) combined as :func:`psft_plugin.metrics.combine` says.
 
-    A metric is combined over the parts that have it (a report may span SFT warm-up steps,
-    which have no ratio metrics, and PSFT steps); parts without tokens are left out.
+    Every metric the objective's loss returns is kept; ``loss``, ``loss_sum`` and ``denominator``
+    (:data:`PART_KEYS`) are the caller's to combine.
     """
-    weighted = [p for p in parts if p.get("tokens", 0) > 0]
-    out: dict[str, float] = {"tokens": float(sum(p.get("tokens", 0) for p in parts))}
-    for name in MEAN_METRICS:
-        having = [p for p in weighted if name in p]
-        if having:
-            out[name] = sum(p[name] * p["tokens"] for p in having) / sum(p["tokens"] for p in having)
-    for name, pick in (("ratio_min", min), ("ratio_max", max)):
-        if any(name in p for p in weighted):
-            out[name] = pick(p[name] for p in weighted if name in p)
-    return out
+    return combine([{name: value for name, value in part.items() if name not in PART_KEYS} for part in parts])
 
 
-def optimizer_step(model: nn.Module, optimizer, step_fn: Callable, group: Sequence[MicroBatch],
-                   agg: str) -> dict[str, float]:
-    """Accumulate gradients over ``group`` (one step's micro-batches), update once; return metrics."""
+def step_parts(
+    model: nn.Module, optimizer, step_fns: Sequence[Callable], group: Sequence[MicroBatch], agg: str
+) -> list[dict[str, float]]:
+    """Accumulate gradients over ``group`` (one step's micro-batches), update once.
+
+    ``step_fns[i]`` runs micro-batch ``i``. Returns each micro-batch's values: ``loss`` (its
+    share of the step's objective), ``loss_sum`` and ``denominator`` (its own sum and count of
+    the aggregation: tokens for ``token-mean``, sequences otherwise) and its metrics. One
+    ``mx.eval`` per micro-batch (the last one also evaluates the update), one host read for the
+    whole step.
+    """
     denominator = step_denominator(group, agg)
     scale = mx.array(1.0 / denominator if denominator > 0 else 0.0)
-    grads, loss, parts = None, 0.0, []
-    for mb in group:
-        (mb_loss, metrics), mb_grads = step_fn(mb.inputs, mb.targets, mb.mask, mb.old_logp, scale)
+    own = [mb.tokens if agg == "token-mean" else mb.rows for mb in group]
+    grads, values = None, []
+    for index, (mb, step_fn) in enumerate(zip(group, step_fns)):
+        (loss, metrics), mb_grads = step_fn(mb.inputs, mb.targets, mb.mask, mb.old_logp, scale)
         grads = mb_grads if grads is None else tree_map(mx.add, grads, mb_grads)
-        mx.eval(mb_loss, metrics, grads)
-        loss += mb_loss.item()
-        parts.append({name: value.item() for name, value in metrics.items()})
+        values.append((["loss", *metrics], mx.stack([loss, *metrics.values()]).astype(mx.float32)))
+        if index < len(group) - 1:
+            mx.eval(grads, values[-1][1])
     optimizer.update(model, grads)
-    mx.eval(model.parameters(), optimizer.state)
-    return {"loss": loss, **combine_metrics(parts)}
+    mx.eval(model.parameters(), optimizer.state, values[-1][1])
+    parts = [dict(zip(names, array.tolist())) for names, array in values]
+    return [{**p, "loss_sum": p["loss"] * denominator, "denominator": float(d)} for p, d in zip(parts, own)]
 
 
-def stamp_old_logp(model: nn.Module, micro_batches: Iterable[MicroBatch],
-                   logprobs_fn: LogprobsFn = model_logprobs) -> None:
+def optimizer_step(
+    model: nn.Module, optimizer, step_fn: Callable, group: Sequence[MicroBatch], agg: str
+) -> dict[str, float]:
+    """One optimizer step over ``group`` with ``step_fn``; the step's loss and combined metrics."""
+    parts = step_parts(model, optimizer, [step_fn] * len(group), group, agg)
+    return {"loss": sum(p["loss"] for p in parts), **combine_metrics(parts)}
+
+
+def stamp_old_logp(
+    model: nn.Module, micro_batches: Iterable[MicroBatch], logprobs_fn: LogprobsFn = model_logprobs
+) -> None:
     """Refresh phase: set ``old_logp`` of each micro-batch from the current weights.
 
     Eval mode (dropout off) and no gradient; the weights are not copied.
@@ -147,66 +181,52 @@ def stamp_old_logp(model: nn.Module, micro_batches: Iterable[MicroBatch],
     model.train(was_training)
 
 
-def take(batches: Iterator[MicroBatch], count: int) -> list[MicroBatch]:
-    """The next ``count`` micro-batches (fewer when ``batches`` runs out)."""
-    return list(itertools.islice(batches, count))
-
-
-class OldPolicyWindow:
-    """Hands out one step's micro-batches at a time, refreshing the old policy every K steps."""
-
-    def __init__(self, model: nn.Module, batches: Iterator[MicroBatch], refresh_steps: int,
-                 grad_accumulation_steps: int, logprobs_fn: LogprobsFn = model_logprobs):
-        self.model, self.batches, self.k = model, batches, refresh_steps
-        self.ga, self.logprobs_fn = grad_accumulation_steps, logprobs_fn
-        self.queue: deque[list[MicroBatch]] = deque()
-
-    def next_group(self, steps_left: int) -> tuple[list[MicroBatch], bool]:
-        """The next step's micro-batches and whether a refresh happened for it.
-
-        A refresh takes ``min(K, steps_left)`` steps' worth, so nothing is stamped in vain.
-        """
-        if self.queue:
-            return self.queue.popleft(), False
-        groups = [take(self.batches, self.ga) for _ in range(min(self.k, steps_left))]
-        groups = [g for g in groups if g]
-        stamp_old_logp(self.model, [mb for g in groups[1:] for mb in g], self.logprobs_fn)
-        self.queue.extend(groups[1:])
-        return (groups[0] if groups else []), True
-
-
 class Reporter:
-    """Report phase: aggregates step records between reports and times the training work."""
+    """Report phase: aggregates micro-batch values between reports and times the training work.
+
+    ``train_loss`` is the objective aggregated over the window's micro-batches (for
+    ``token-mean``: its sum over their response tokens / their count), so a report in the
+    middle of an optimizer step is well defined. mlx-lm reports the mean of micro-batch
+    means: the same when the micro-batches hold the same number of tokens.
+    """
 
     def __init__(self, optimizer, callback: Optional[Callback]):
         self.optimizer, self.callback = optimizer, callback
         self.pending: list[dict[str, float]] = []
-        self.train_time = 0.0
+        self.train_time, self.iterations = 0.0, 0
         self.trained_tokens = 0.0
 
-    def add(self, record: dict[str, float], seconds: float) -> None:
-        self.pending.append(record)
+    def add(self, part: dict[str, float], seconds: float) -> None:
+        """One iteration's values (see :func:`step_parts`) and the seconds it took."""
+        self.pending.append(part)
+        self.iterations += 1
         self.train_time += seconds
 
-    def report(self, step: int) -> Optional[dict[str, float]]:
-        """Aggregate the pending steps into one report and pass it to the callback."""
-        if not self.pending:
-            return None
+    def report(self, iteration: int) -> Optional[dict[str, float]]:
+        """Aggregate the pending iterations into one report and pass it to the callback.
+
+        A window without any response token is not reported (it has no loss; the caller
+        counts such steps).
+        """
         metrics = combine_metrics(self.pending)
-        self.trained_tokens += metrics["tokens"]
-        info = {
-            "iteration": step,
-            "train_loss": sum(r["loss"] for r in self.pending) / len(self.pending),
-            **{f"psft/{k}": v for k, v in metrics.items() if k != "tokens"},
-            "learning_rate": self.optimizer.learning_rate.item(),
-            "tokens_per_second": metrics["tokens"] / max(self.train_time, 1e-9),
-            "iterations_per_second": len(self.pending) / max(self.train_time, 1e-9),
-            "trained_tokens": self.trained_tokens,
-            "peak_memory": mx.get_peak_memory() / 1e9,
-        }
-        self.pending, self.train_time = [], 0.0
-        if self.callback is not None:
-            self.callback.on_train_loss_report(info)
+        seconds, iterations = max(self.train_time, 1e-9), self.iterations
+        self.trained_tokens += metrics[TOKENS]
+        denominator = sum(p["denominator"] for p in self.pending)
+        info = None
+        if denominator > 0:
+            info = {
+                "iteration": iteration,
+                "train_loss": sum(p["loss_sum"] for p in self.pending) / denominator,
+                **prefixed(metrics),
+                "learning_rate": self.optimizer.learning_rate.item(),
+                "iterations_per_second": iterations / seconds,
+                "tokens_per_second": metrics[TOKENS] / seconds,
+                "trained_tokens": self.trained_tokens,
+                "peak_memory": mx.get_peak_memory() / 1e9,
+            }
+            if self.callback is not None:
+                self.callback.on_train_loss_report(info)
+        self.pending, self.train_time, self.iterations = [], 0.0, 0
         return info
 
 
@@ -215,16 +235,44 @@ def resolve_loss(objective: Objective, options: Mapping[str, Any]) -> tuple[Call
     return objective.loss_fn("mlx"), objective.loss_kwargs(options)
 
 
-def _run_eval(evaluate: Optional[Callable[[nn.Module], float]], model: nn.Module, step: int,
-              callback: Optional[Callback]) -> None:
+def _run_eval(
+    evaluate: Optional[Callable[[nn.Module], float]], model: nn.Module, iteration: int, callback: Optional[Callback]
+) -> None:
     if evaluate is None:
         return
     tic = time.perf_counter()
     val_loss = evaluate(model)
     model.train()
     if callback is not None:
-        callback.on_val_loss_report({"iteration": step, "val_loss": val_loss,
-                                     "val_time": time.perf_counter() - tic})
+        callback.on_val_loss_report(
+            {"iteration": iteration, "val_loss": val_loss, "val_time": time.perf_counter() - tic}
+        )
+
+
+@dataclass
+class StepFns:
+    """The compiled micro-batch functions of one objective: without and with the entropy metric."""
+
+    plain: Callable
+    with_entropy: Callable
+
+    @classmethod
+    def build(
+        cls, model: nn.Module, objective: Objective, options: Mapping[str, Any], logprobs_fn: LogprobsFn, compile: bool
+    ) -> "StepFns":
+        loss_fn, kwargs = resolve_loss(objective, options)
+        return cls(
+            make_step_fn(model, loss_fn, kwargs, logprobs_fn, compile, with_entropy=False),
+            make_step_fn(model, loss_fn, kwargs, logprobs_fn, compile, with_entropy=True),
+        )
+
+    def for_iterations(self, first: int, count: int, args: LoopArgs) -> list[Callable]:
+        """One function per iteration ``first .. first+count-1``: entropy where a report closes."""
+        last = args.iters - args.iters % args.grad_accumulation_steps
+        return [
+            self.with_entropy if (it % args.steps_per_report == 0 or it == last) else self.plain
+            for it in range(first, first + count)
+        ]
 
 
 def train(
@@ -240,60 +288,94 @@ def train(
     save: Optional[Callable[[int], None]] = None,
     logprobs_fn: LogprobsFn = model_logprobs,
     warmup_objective: Optional[Objective] = None,
+    progress: Optional[Callable[[int], None]] = None,
 ) -> list[dict[str, float]]:
-    """Train for ``args.iters`` optimizer steps (fewer if ``batches`` runs out).
+    """Train from ``args.start_iteration`` to ``args.iters`` iterations: one optimizer step per GA.
 
     ``options`` are the objective's resolved ``psft_*`` values (``objective.resolve(...)``).
-    ``warmup_objective`` (plain SFT, ``ce``) trains the first ``psft_warmup_steps`` steps.
-    Returns one record per optimizer step: ``step``, ``loss``, ``tokens``, ``refresh`` (1 if the
-    old policy was refreshed for it), ``learning_rate`` and the objective's metrics.
+    ``warmup_objective`` (plain SFT, ``ce``) trains the first ``psft_warmup_steps`` optimizer
+    steps. ``save(iteration)`` and ``progress(iterations_done)`` are called on their schedules.
+    Returns one record per optimizer step: ``step``, ``iteration`` (its last), ``loss``,
+    ``tokens``, ``refresh`` (1 if the old policy was refreshed for it), ``learning_rate`` and
+    the objective's metrics. Stops early if ``batches`` runs out.
     """
-    batches = iter(batches)
-    ga = args.grad_accumulation_steps
+    batches, ga = iter(batches), args.grad_accumulation_steps
     agg = options.get("psft_loss_agg", "token-mean")
-    main_fn = make_step_fn(model, *resolve_loss(objective, options), logprobs_fn, args.compile)
+    main = StepFns.build(model, objective, options, logprobs_fn, args.compile)
     warmup = options.get("psft_warmup_steps", 0) if objective.uses_old_policy else 0
-    warm_fn = None
-    if warmup:
-        if warmup_objective is None:
-            raise ValueError("psft_warmup_steps > 0 needs warmup_objective (the `ce` objective)")
-        warm_fn = make_step_fn(model, *resolve_loss(warmup_objective, options), logprobs_fn, args.compile)
-    window = OldPolicyWindow(model, batches, options.get("psft_refresh_steps", 1), ga, logprobs_fn)
+    if warmup and warmup_objective is None:
+        raise ValueError("psft_warmup_steps > 0 needs warmup_objective (the `ce` objective)")
+    warm = StepFns.build(model, warmup_objective, options, logprobs_fn, args.compile) if warmup else None
+    refresh_steps = options.get("psft_refresh_steps", 1) if objective.uses_old_policy else 1
+    window: Optional[Window] = None
     reporter, records = Reporter(optimizer, callback), []
+    last_step = args.iters // ga
     model.train()
-    _run_eval(evaluate, model, 0, callback)
-    for step in range(1, args.iters + 1):
+    if args.start_iteration == 0:
+        _run_eval(evaluate, model, 0, callback)
+    for step in range(args.start_iteration // ga + 1, last_step + 1):
         tic = time.perf_counter()
-        if step <= warmup:
-            group, refreshed, step_fn = take(batches, ga), False, warm_fn
-        elif objective.uses_old_policy:
-            (group, refreshed), step_fn = window.next_group(args.iters - step + 1), main_fn
-        else:
-            group, refreshed, step_fn = take(batches, ga), False, main_fn
-        if not group:
-            break
-        records.append({"step": step, "refresh": float(refreshed), "learning_rate": optimizer.learning_rate.item(),
-                        **optimizer_step(model, optimizer, step_fn, group, agg)})
+        if window is None or not window.serves(batches):  # the window schedule counts steps from 0
+            window = open_window(
+                batches,
+                step - 1,
+                max_steps=last_step,
+                refresh_steps=refresh_steps,
+                warmup_steps=warmup,
+                first_size=ga,
+                group_size=ga,
+                whole_groups_only=True,
+                stamp=lambda micro_batches: stamp_old_logp(model, micro_batches, logprobs_fn),
+            )
+            if not window.groups:
+                break
+        group, kind = window.pop()
+        fns, refreshed = (warm if kind == SFT else main), objective.uses_old_policy and kind == FIRST
+        first = (step - 1) * ga + 1
+        learning_rate = optimizer.learning_rate.item()
+        parts = step_parts(model, optimizer, fns.for_iterations(first, ga, args), group, agg)
+        records.append(
+            {
+                "step": step,
+                "iteration": step * ga,
+                "refresh": float(refreshed),
+                "learning_rate": learning_rate,
+                "loss": sum(p["loss"] for p in parts),
+                **combine_metrics(parts),
+            }
+        )
         _clear_cache(args.clear_cache_threshold)
-        reporter.add(records[-1], time.perf_counter() - tic)
-        _after_step(step, args, reporter, evaluate, save, model, callback, warmup)
-    last = int(records[-1]["step"]) if records else 0
-    if last % args.steps_per_report:
-        reporter.report(last)
-    if last % args.steps_per_eval:
-        _run_eval(evaluate, model, last, callback)
+        seconds = (time.perf_counter() - tic) / ga
+        for iteration, part in enumerate(parts, first):
+            reporter.add(part, seconds)
+            if progress is not None:
+                progress(1)
+            _after_iteration(iteration, args, reporter, evaluate, save, model, callback, warmup * ga)
+    _finish(records, args, reporter, evaluate, model, callback)
     return records
 
 
-def _after_step(step: int, args: LoopArgs, reporter: Reporter, evaluate, save, model, callback,
-                warmup: int) -> None:
+def _after_iteration(
+    iteration: int, args: LoopArgs, reporter: Reporter, evaluate, save, model, callback, warmup_iterations: int
+) -> None:
     """Report, evaluate and save on their schedules; a report never mixes SFT warm-up and PSFT steps."""
-    if step % args.steps_per_report == 0 or step == warmup:
-        reporter.report(step)
-    if step % args.steps_per_eval == 0:
-        _run_eval(evaluate, model, step, callback)
-    if save is not None and step % args.save_every == 0:
-        save(step)
+    if iteration % args.steps_per_report == 0 or iteration == warmup_iterations:
+        reporter.report(iteration)
+    if iteration % args.steps_per_eval == 0:
+        _run_eval(evaluate, model, iteration, callback)
+    if save is not None and iteration % args.save_every == 0:
+        save(iteration)
+
+
+def _finish(records: Sequence[dict], args: LoopArgs, reporter: Reporter, evaluate, model, callback) -> None:
+    """The last report and validation, unless the schedule has just made them."""
+    if not records:
+        return
+    last = int(records[-1]["iteration"])
+    if reporter.iterations:
+        reporter.report(last)
+    if last % args.steps_per_eval:
+        _run_eval(evaluate, model, last, callback)
 
 
 def _clear_cache(threshold: int) -> None:
@@ -301,8 +383,7 @@ def _clear_cache(threshold: int) -> None:
         mx.clear_cache()
 
 
-def evaluate_nll(model: nn.Module, batches: Iterable[MicroBatch],
-                 logprobs_fn: LogprobsFn = model_logprobs) -> float:
+def evaluate_nll(model: nn.Module, batches: Iterable[MicroBatch], logprobs_fn: LogprobsFn = model_logprobs) -> float:
     """Token-mean NLL (nats) of ``model`` over the response tokens of ``batches``, eval mode."""
     model.eval()
     total, tokens = mx.array(0.0), 0

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from psft_mlx.config import docs_tables, load_config
+from psft_plugin.mlx_train.config import docs_tables, load_config
 from psft_plugin.options import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -15,8 +15,9 @@ def test_docs_tables_are_generated_from_the_declarations():
 
 
 def test_tiny_config_validates(tiny):
-    cfg = load_config(["--config", str(ROOT / "configs/mlx/tiny.yaml"), "--model", str(tiny[0]),
-                       "--data", str(tiny[1])])
+    cfg = load_config(
+        ["--config", str(ROOT / "configs/mlx/tiny.yaml"), "--model", str(tiny[0]), "--data", str(tiny[1])]
+    )
     assert cfg.objective.name == "psft" and cfg.psft["psft_refresh_steps"] == 4
 
 

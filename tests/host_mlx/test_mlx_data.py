@@ -18,7 +18,7 @@ def _mlx_lm_default_mask(lengths, width):
 def _padded_batch(examples, width):
     tokens = np.zeros((len(examples), width), np.int32)
     for row, (ids, _) in enumerate(examples):
-        tokens[row, :len(ids)] = ids
+        tokens[row, : len(ids)] = ids
     lengths = mx.array([[offset, len(ids)] for ids, offset in examples])
     return mx.array(tokens), lengths
 

@@ -1,0 +1,159 @@
+"""The CLI as an `mlx_lm.lora` user meets it: reporting services, eval-only runs, and user mistakes
+that end with a sentence (exit 2), never a traceback."""
+
+import json
+import types
+from pathlib import Path
+
+import pytest
+
+from psft_plugin.mlx_train.config import resolve_config
+from psft_plugin.mlx_train.run import load_data, make_evaluate, run
+
+TINY_YAML = "configs/mlx/tiny.yaml"
+
+
+def _config(tiny, out: Path, **values):
+    model, data = tiny
+    return resolve_config(
+        {
+            "model": str(model),
+            "data": str(data),
+            "adapter_path": str(out),
+            "batch_size": 4,
+            "iters": 4,
+            "num_layers": -1,
+            "loss": "psft",
+            "val_batches": 1,
+            "steps_per_report": 2,
+            "steps_per_eval": 100,
+            "save_every": 100,
+            **values,
+        }
+    )
+
+
+class StandIn(types.ModuleType):
+    """A ``wandb`` / ``swanlab`` module that records ``init`` and ``log`` calls."""
+
+    def __init__(self, name):
+        super().__init__(name)
+        self.inits, self.logs = [], []
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+
+    def log(self, data, step=None):
+        self.logs.append((step, data))
+
+
+def test_report_to_goes_through_mlx_lm_callbacks_with_the_psft_metrics(tiny, tmp_path, monkeypatch):
+    import mlx_lm.tuner.callbacks as callbacks
+
+    wandb, swanlab = StandIn("wandb"), StandIn("swanlab")
+    monkeypatch.setattr(callbacks, "wandb", wandb)
+    monkeypatch.setattr(callbacks, "swanlab", swanlab)
+    run(_config(tiny, tmp_path / "a", report_to="wandb,swanlab", project_name="psft-test"), log=lambda line: None)
+    assert wandb.inits[0]["project"] == swanlab.inits[0]["project"] == "psft-test"
+    assert wandb.inits[0]["dir"] == str(tmp_path / "a") and wandb.inits[0]["config"]["loss"] == "psft"
+    train_logs = [(step, data) for step, data in wandb.logs if "train_loss" in data]
+    assert [step for step, _ in train_logs] == [2, 4] and swanlab.logs == wandb.logs
+    assert {
+        "psft/nll",
+        "psft/clipfrac",
+        "psft/ratio_mean",
+        "psft/approx_kl",
+        "tokens_per_second",
+        "trained_tokens",
+        "peak_memory",
+        "iterations_per_second",
+    } <= set(train_logs[-1][1])
+    assert any("val_loss" in data for _, data in wandb.logs)
+
+
+def test_report_to_without_the_package_is_a_configuration_error(tiny, tmp_path, monkeypatch):
+    import mlx_lm.tuner.callbacks as callbacks
+
+    from psft_plugin.options import ConfigError
+
+    monkeypatch.setattr(callbacks, "swanlab", None)
+    with pytest.raises(ConfigError, match="swanlab is not installed"):
+        run(_config(tiny, tmp_path / "a", report_to="swanlab"), log=lambda line: None)
+
+
+def test_train_false_test_true_only_evaluates_the_saved_adapters(tiny, tmp_path):
+    from mlx_lm import load
+
+    run(_config(tiny, tmp_path / "a"), log=lambda line: None)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a").iterdir()}
+    lines = []
+    cfg = _config(tiny, tmp_path / "a", train=False, test=True, test_batches=-1)
+    assert run(cfg, log=lines.append) == []
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a").iterdir()} == before  # nothing trained or written
+    model, tokenizer = load(str(tiny[0]), adapter_path=str(tmp_path / "a"))
+    expected = make_evaluate(load_data(cfg, tokenizer)[2], cfg, -1)(model)
+    (line,) = [line for line in lines if line.startswith("Test loss")]
+    assert line.startswith(f"Test loss {expected:.3f}, Test ppl ") and "Training" not in lines
+
+
+def test_steps_without_a_response_token_are_reported_once_with_their_count(tiny, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    long_prompt = " ".join(["what is one plus one"] * 12)
+    rows = [{"prompt": long_prompt, "completion": "two."}] * 8 + [{"prompt": "1 + 1?", "completion": "two."}] * 8
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = []
+    records = run(
+        _config(tiny, tmp_path / "a", data=str(data), mask_prompt=True, max_seq_length=24, iters=8, steps_per_report=1),
+        log=lines.append,
+    )
+    empty = sum(r["tokens"] == 0 for r in records)
+    assert 0 < empty < len(records)
+    warnings = [line for line in lines if "had no response token" in line]
+    assert warnings == [warnings[0]] and warnings[0].startswith(f"warning: {empty} of {len(records)} optimizer steps")
+    reports = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in reports if r["kind"] == "train"]
+    assert len(train) == len(records) - empty and all(r["train_loss"] != 0.0 for r in train)
+
+
+def _bad_inputs(tiny, tmp_path) -> dict[str, tuple[list[str], list[str]]]:
+    model, data = tiny
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "train.jsonl").write_text("")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: x\nlora_parameters: {rank: 8\n")
+    hf = tmp_path / "hf.yaml"
+    hf.write_text(f"model: {model}\nhf_dataset: {{path: owner/set, train_splt: 'train[:80%]'}}\n")
+    base = ["--model", str(model), "--data", str(data), "--adapter-path", str(tmp_path / "out")]
+    return {
+        "empty train.jsonl": (base + ["--data", str(empty)], ["train.jsonl` is empty", "one JSON object per line"]),
+        "broken YAML": (["--config", str(broken)], ["is not valid YAML", "line 3", "fix the syntax"]),
+        "hub model id offline": (
+            base + ["--model", "no-such-owner/no-such-model"],
+            [
+                "`model: no-such-owner/no-such-model` is not a local folder",
+                "taken as a Hugging Face id",
+                "fetching it failed",
+                "check the path",
+            ],
+        ),
+        "hub data id offline": (
+            base + ["--data", "no-such-owner/no-such-data"],
+            ["`data: no-such-owner/no-such-data` is not a local folder", "fetching it failed"],
+        ),
+        "hf_dataset subkey": (
+            ["--config", str(hf)],
+            ["in `hf_dataset`: unknown key `train_splt` (did you mean `train_split`?)"],
+        ),
+    }
+
+
+@pytest.mark.e2e
+def test_user_mistakes_exit_2_with_the_fix_and_no_traceback(run_cli, tiny, tmp_path):
+    for case, (args, words) in _bad_inputs(tiny, tmp_path).items():
+        result = run_cli(*args)
+        assert result.returncode == 2, (case, result.stdout[-2000:], result.stderr[-2000:])
+        assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, case
+        for word in words:
+            assert word in result.stderr, (case, word, result.stderr)
