@@ -1,7 +1,10 @@
 """Axolotl plugin: ``loss: psft`` trains Proximal SFT through ``axolotl train``.
 
-Enable it in the YAML (both lines, always together: Axolotl drops unknown keys, so ``loss: psft``
-without the ``plugins:`` line would silently train plain cross-entropy)::
+Axolotl 0.21 loads it for every config through the ``axolotl.plugins`` entry point, so
+``loss: psft`` alone is enough there, and the hooks leave configs that do not :func:`claim
+<psft_plugin.integrations.axolotl.args.claims>` the plugin to Axolotl untouched. Axolotl 0.19
+imports only listed plugins and drops unknown keys, so there both lines are needed (``loss: psft``
+alone would silently train plain cross-entropy)::
 
     plugins:
       - psft_plugin.integrations.axolotl.PSFTPlugin
@@ -22,7 +25,8 @@ from typing import Any
 from axolotl.integrations.base import BasePlugin
 from axolotl.utils.logging import get_logger
 
-from psft_plugin.integrations.axolotl.args import DEFAULT_LOSS, unsupported_settings
+from psft_plugin.integrations.axolotl.args import DEFAULT_LOSS, claims, unsupported_settings
+from psft_plugin.options import ConfigError
 from psft_plugin.registry import default_registry
 
 LOG = get_logger("axolotl.integrations.psft")
@@ -43,8 +47,12 @@ def use_cpu_for_data_parallel_ranks(cfg: Any) -> None:
     machine. Only that case is changed; GPU runs keep Axolotl's map.
     """
     device_map = cfg.get("device_map")
-    if cfg.get("device") == "cpu" and isinstance(device_map, dict) and list(device_map) == [""] \
-            and isinstance(device_map[""], int):
+    if (
+        cfg.get("device") == "cpu"
+        and isinstance(device_map, dict)
+        and list(device_map) == [""]
+        and isinstance(device_map[""], int)
+    ):
         LOG.info("psft-plugin: CPU data parallel: loading each rank's model on the CPU (device_map=cpu)")
         cfg.device_map = "cpu"
 
@@ -60,12 +68,13 @@ class PSFTPlugin(BasePlugin):
 
         This is the only hook between Axolotl's config normalisation and model loading.
         """
-        use_cpu_for_data_parallel_ranks(cfg)
+        if claims(cfg):
+            use_cpu_for_data_parallel_ranks(cfg)
         return None
 
     def get_trainer_cls(self, cfg: Any):
-        """The PSFT trainer for supervised configs; ``None`` (Axolotl decides) otherwise."""
-        if cfg.get("rl") or cfg.get("reward_model") or cfg.get("process_reward_model"):
+        """The PSFT trainer for supervised configs that claim the plugin; ``None`` (Axolotl decides) otherwise."""
+        if not claims(cfg) or cfg.get("rl") or cfg.get("reward_model") or cfg.get("process_reward_model"):
             return None
         if (cfg.get("loss") or DEFAULT_LOSS) == DEFAULT_LOSS and unsupported_settings(cfg):
             return None  # plain CE in a mode we do not host: Axolotl's trainer, unchanged
@@ -76,9 +85,24 @@ class PSFTPlugin(BasePlugin):
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
         from psft_plugin.integrations.axolotl.trainer import AxolotlPSFTTrainer
 
-        if isinstance(trainer, AxolotlPSFTTrainer):
-            settings = trainer.configure_psft(trainer_config(cfg), default_loss=DEFAULT_LOSS)
-            LOG.info(
-                "psft-plugin: training loss=%s (%s), refresh every %d optimizer steps after %d warm-up steps",
-                settings.objective.name, dict(settings.resolved), settings.refresh_steps, settings.warmup_steps,
-            )
+        if not isinstance(trainer, AxolotlPSFTTrainer):
+            if claims(cfg) and (cfg.get("loss") or DEFAULT_LOSS) != DEFAULT_LOSS:
+                # Another plugin's trainer won (Axolotl takes the first non-None): never train CE silently.
+                raise ConfigError(
+                    [
+                        f"`loss: {cfg.get('loss')}` needs the psft-plugin trainer, but Axolotl built "
+                        f"{type(trainer).__name__} (chosen by another plugin or setting); remove "
+                        f"the other trainer's plugin or setting"
+                    ]
+                )
+            return
+        settings = trainer.configure_psft(trainer_config(cfg))
+        LOG.info(
+            "psft-plugin: training loss=%s (%s), refresh every %d optimizer steps after %d warm-up steps, "
+            "log-probs: %s",
+            settings.objective.name,
+            dict(settings.resolved),
+            settings.refresh_steps,
+            settings.warmup_steps,
+            trainer.psft_logprob_path.name,
+        )

@@ -5,9 +5,8 @@ from __future__ import annotations
 from axolotl.core.trainers.base import AxolotlTrainer
 from typing_extensions import override
 
-from psft_torch.trainer import METRIC_PREFIX, PSFTTrainerMixin
-
-REDUCTIONS = {METRIC_PREFIX + "ratio_min": "min", METRIC_PREFIX + "ratio_max": "max"}
+from psft_plugin.metrics import PREFIX, step_reduction
+from psft_torch.trainer import PSFTTrainerMixin
 
 
 class AxolotlPSFTTrainer(PSFTTrainerMixin, AxolotlTrainer):
@@ -15,6 +14,9 @@ class AxolotlPSFTTrainer(PSFTTrainerMixin, AxolotlTrainer):
 
     @override
     def psft_record(self, metrics: dict[str, float]) -> None:
-        # Axolotl reduces stored metrics over the steps between two log lines (as KD does).
-        self.store_metrics({key: (value, REDUCTIONS.get(key, "mean")) for key, value in metrics.items()},
-                           train_eval="train")
+        # Axolotl reduces stored metrics over the steps between two log lines (as KD does), with
+        # the same per-name reductions as the mixin's own log (psft_plugin.metrics).
+        self.store_metrics(
+            {key: (value, step_reduction(key.removeprefix(PREFIX))) for key, value in metrics.items()},
+            train_eval="train",
+        )

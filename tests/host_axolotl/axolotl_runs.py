@@ -22,6 +22,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_CONFIG = ROOT / "configs" / "axolotl" / "tiny.yml"
+CPU_SITE = ROOT / "tests" / "cpu_site"  # test-only patches for CPU machines, see its sitecustomize
 BIN = Path(sys.executable).parent
 LOG_LINE = re.compile(r"\{'loss': .*?\}")
 
@@ -34,6 +35,7 @@ class Run:
     directory: Path
     output: str
     returncode: int
+    peak_rss_bytes: Optional[int] = None
 
     @property
     def output_dir(self) -> Path:
@@ -52,21 +54,55 @@ class Run:
 def config(model_dir: Path, data_dir: Path, directory: Path, **overrides: Any) -> dict:
     """The shipped tiny config, pointed at ``model_dir``/``data_dir``, with ``overrides``."""
     cfg = yaml.safe_load(TINY_CONFIG.read_text())
-    cfg.update(base_model=str(model_dir), dataset_prepared_path=str(directory / "prepared"),
-               output_dir=str(directory / "out"))
+    cfg.update(
+        base_model=str(model_dir), dataset_prepared_path=str(directory / "prepared"), output_dir=str(directory / "out")
+    )
     cfg["datasets"] = [dict(cfg["datasets"][0], path=str(data_dir / "train.jsonl"))]
     cfg.update(overrides)
     return {key: value for key, value in cfg.items() if value is not None}
 
 
-def train(directory: Path, cfg: dict, processes: int = 1, name: str = "") -> Run:
-    """``axolotl train cfg.yml`` in a subprocess (``torchrun`` with gloo for several processes)."""
+# Runs a command and prints the peak resident set of its largest descendant (the training process:
+# ru_maxrss of RUSAGE_CHILDREN is the largest waited-for descendant's peak, in KiB on Linux).
+PEAK_RSS_WRAPPER = (
+    "import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+    "print(f'PEAK_RSS_KIB={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}'); sys.exit(code)"
+)
+PEAK_LINE = re.compile(r"^PEAK_RSS_KIB=(\d+)$", re.M)
+
+
+def train(
+    directory: Path,
+    cfg: dict,
+    processes: int = 1,
+    name: str = "",
+    env: Optional[dict[str, str]] = None,
+    peak_memory: bool = False,
+) -> Run:
+    """``axolotl train cfg.yml`` in a subprocess (``torchrun`` with gloo for several processes).
+
+    ``env`` adds environment variables (e.g. ``PSFT_TEST_CPU_ENGINE=1`` for the engine tests); its
+    ``PYTHONPATH`` is put after the test-only patches of ``tests/cpu_site``. ``peak_memory``: also
+    record the training process's peak resident set (``Run.peak_rss_bytes``).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "cfg.yml"
     path.write_text(yaml.safe_dump(cfg))
     # Offline and without telemetry: Axolotl's analytics client otherwise blocks at exit without network.
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", AXOLOTL_DO_NOT_TRACK="1",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    extra = dict(env or {})
+    env = dict(
+        os.environ,
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        AXOLOTL_DO_NOT_TRACK="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_MODE="disabled",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(
+            filter(None, [str(CPU_SITE), extra.pop("PYTHONPATH", None), os.environ.get("PYTHONPATH")])
+        ),
+    )
+    env.update(extra)
     command = [str(BIN / "axolotl"), "train", str(path)]
     if processes > 1:
         # CPU data parallel: accelerate joins torchrun's gloo group only with ACCELERATE_USE_CPU.
@@ -74,10 +110,19 @@ def train(directory: Path, cfg: dict, processes: int = 1, name: str = "") -> Run
         command += ["--launcher", "torchrun", "--", "--standalone", f"--nproc_per_node={processes}"]
     else:
         command += ["--launcher", "python"]
+    if peak_memory:
+        command = [sys.executable, "-c", PEAK_RSS_WRAPPER, *command]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=directory, env=env, capture_output=True, text=True, timeout=600)
     print(f"axolotl train {name or directory.name}: {time.perf_counter() - start:.0f} s", flush=True)
-    return Run(name or directory.name, directory, done.stdout + done.stderr, done.returncode)
+    peak = PEAK_LINE.search(done.stdout) if peak_memory else None
+    return Run(
+        name or directory.name,
+        directory,
+        done.stdout + done.stderr,
+        done.returncode,
+        int(peak.group(1)) * 1024 if peak else None,
+    )
 
 
 class RunPool:
