@@ -17,13 +17,17 @@ import numpy as np
 LORA_RANK = 4
 LORA_ALPHA = 8
 LORA_TARGETS = ("q_proj", "v_proj")
-LORA_DROPOUT = 0.0  # dropout breaks r == 1 after a refresh (PSFT_SPEC.md section 6)
+LORA_DROPOUT = 0.0  # dropout breaks r == 1 after a refresh (docs/objective.md section 6)
 
 
 def mlx_lora_parameters() -> dict:
     """mlx-lm ``lora_parameters`` equal to PEFT's ``LoraConfig(r=4, lora_alpha=8, q/v, dropout 0)``."""
-    return {"rank": LORA_RANK, "scale": LORA_ALPHA / LORA_RANK, "dropout": LORA_DROPOUT,
-            "keys": [f"self_attn.{name}" for name in LORA_TARGETS]}
+    return {
+        "rank": LORA_RANK,
+        "scale": LORA_ALPHA / LORA_RANK,
+        "dropout": LORA_DROPOUT,
+        "keys": [f"self_attn.{name}" for name in LORA_TARGETS],
+    }
 
 
 def peft_to_mlx_name(name: str) -> str:
@@ -42,8 +46,10 @@ def mlx_adamw(learning_rate: float, weight_decay: float, betas=(0.9, 0.999), eps
     """mlx AdamW configured like ``torch.optim.AdamW`` (bias correction on)."""
     import mlx.optimizers as optim
 
-    return optim.AdamW(learning_rate=learning_rate, betas=list(betas), eps=eps, weight_decay=weight_decay,
-                       bias_correction=True)
+    return optim.AdamW(
+        learning_rate=learning_rate, betas=list(betas), eps=eps, weight_decay=weight_decay, bias_correction=True
+    )
+
 
 # transformers exempts biases and norm weights from weight decay, mlx's AdamW decays every
 # parameter: the trajectory compares AdamW without decay so the two optimizers are the same map.

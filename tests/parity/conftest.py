@@ -18,6 +18,6 @@ def batch():
     mask = np.zeros((4, 11), dtype=np.float32)
     for row, (length, prompt) in enumerate(zip(lengths, prompts)):
         ids[row, :length] = rng.integers(3, 373, size=length)
-        mask[row, prompt - 1:length - 1] = 1.0  # position t predicts ids[t + 1]
+        mask[row, prompt - 1 : length - 1] = 1.0  # position t predicts ids[t + 1]
     targets = np.where(mask > 0, ids[:, 1:], -100)
     return {"ids": ids, "targets": targets, "mask": mask}

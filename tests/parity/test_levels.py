@@ -11,8 +11,15 @@ import psft_mlx
 import psft_torch
 from psft_plugin import spec
 
-from .bridge import (LORA_ALPHA, LORA_DROPOUT, LORA_RANK, LORA_TARGETS, mlx_lora_parameters, peft_lora_to_mlx,
-                     peft_to_mlx_name)
+from .bridge import (
+    LORA_ALPHA,
+    LORA_DROPOUT,
+    LORA_RANK,
+    LORA_TARGETS,
+    mlx_lora_parameters,
+    peft_lora_to_mlx,
+    peft_to_mlx_name,
+)
 from .tolerances import GRAD_REL, LOGPROB_ABS, LOSS_VS_SPEC_REL
 
 pytestmark = pytest.mark.parity
@@ -53,7 +60,9 @@ def test_level1_token_logprobs_and_entropy(tiny_model_dir, batch):
     m_logp, m_logits = _mlx_logp(_mlx_model(tiny_model_dir), batch)
     on = batch["mask"] > 0
     logp_diff = np.abs(t_logp.numpy() - np.array(m_logp))[on].max()
-    entropy_diff = np.abs(psft_torch.token_entropy(t_logits).numpy() - np.array(psft_mlx.token_entropy(m_logits)))[on].max()
+    entropy_diff = np.abs(psft_torch.token_entropy(t_logits).numpy() - np.array(psft_mlx.token_entropy(m_logits)))[
+        on
+    ].max()
     print(f"level 1: max |logp diff| = {logp_diff:.2e}, max |entropy diff| = {entropy_diff:.2e}")
     assert logp_diff <= LOGPROB_ABS and entropy_diff <= LOGPROB_ABS
     assert t_logp.numpy()[on].std() > 0.05  # a real distribution, not a constant
@@ -116,8 +125,10 @@ def test_level3_lora_gradients(tiny_model_dir, batch):
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from peft import LoraConfig, get_peft_model
 
-    hf = get_peft_model(_hf_model(tiny_model_dir), LoraConfig(
-        r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=list(LORA_TARGETS)))
+    hf = get_peft_model(
+        _hf_model(tiny_model_dir),
+        LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=list(LORA_TARGETS)),
+    )
     torch.manual_seed(0)
     for name, p in hf.named_parameters():
         if "lora_B" in name:  # PEFT starts B at 0, which would make every A-gradient 0
@@ -127,18 +138,25 @@ def test_level3_lora_gradients(tiny_model_dir, batch):
     mlx_model = _mlx_model(tiny_model_dir)
     mlx_model.freeze()
     linear_to_lora_layers(mlx_model, len(mlx_model.layers), mlx_lora_parameters())
-    lora = [(peft_to_mlx_name(n), peft_lora_to_mlx(n, p.detach().numpy())) for n, p in hf.named_parameters() if p.requires_grad]
+    lora = [
+        (peft_to_mlx_name(n), peft_lora_to_mlx(n, p.detach().numpy()))
+        for n, p in hf.named_parameters()
+        if p.requires_grad
+    ]
     mlx_model.load_weights(lora, strict=False)
     torch_grads = _torch_grads(hf, batch, old)
-    worst = _compare_grads(torch_grads, _mlx_grads(mlx_model, batch, old), rename=peft_to_mlx_name,
-                           transpose=lambda n: ".lora_" in n)
+    worst = _compare_grads(
+        torch_grads, _mlx_grads(mlx_model, batch, old), rename=peft_to_mlx_name, transpose=lambda n: ".lora_" in n
+    )
     print(f"level 3 (LoRA): max relative gradient error = {worst:.2e}")
     assert worst <= GRAD_REL
 
 
 def test_bridge_maps_peft_names_and_layouts():
-    assert peft_to_mlx_name("base_model.model.model.layers.1.self_attn.q_proj.lora_A.default.weight") == \
-        "model.layers.1.self_attn.q_proj.lora_a"
+    assert (
+        peft_to_mlx_name("base_model.model.model.layers.1.self_attn.q_proj.lora_A.default.weight")
+        == "model.layers.1.self_attn.q_proj.lora_a"
+    )
     a = np.arange(6, dtype=np.float32).reshape(2, 3)
     assert np.array(peft_lora_to_mlx("x.lora_A.default.weight", a)).shape == (3, 2)
     assert mlx_lora_parameters()["scale"] == LORA_ALPHA / LORA_RANK
