@@ -31,8 +31,11 @@ def test_bench_quick_reports_ratios_and_logprob_memory(tmp_path):
         assert summary["bound"] > 1 and summary["step_time_ratio"] > 0.5 and summary["peak_mem_ratio"] > 0
     assert report["summary"]["torch"]["step_time_ratio"] == pytest.approx(ratio, abs=1e-3)
     assert bound > 1 and peak > 0
-    torch_rows = {(r["path"], r["seq_len"]): r["peak_bytes"] for r in report["logprob"]
-                  if r["backend"] == "torch" and r["vocab"] == 4096 and r["chunk"] == 64}
+    torch_rows = {
+        (r["path"], r["seq_len"]): r["peak_bytes"]
+        for r in report["logprob"]
+        if r["backend"] == "torch" and r["vocab"] == 4096 and r["chunk"] == 64
+    }
     # At 512 tokens: log_softmax keeps a second [T, V] copy, ours does not, chunked never holds [T, V].
     assert torch_rows[("chunked", 512)] < torch_rows[("ours", 512)] < torch_rows[("naive", 512)]
 
@@ -46,7 +49,7 @@ def test_demo_quick_trains_both_runs_and_reports(backend, tmp_path, tiny_assets)
     output = _run("-m", "psft_plugin.demo", "--quick", "--backend", backend, "--out", str(tmp_path), *model)
     lines = output.strip().splitlines()
     assert lines[-1].startswith("plot: ") and Path(lines[-1][6:]).stat().st_size > 10_000
-    table = lines[lines.index(next(l for l in lines if l.startswith("model "))):][:4]
+    table = lines[lines.index(next(line for line in lines if line.startswith("model "))) :][:4]
     rows = {line.split()[0]: line.split()[1:] for line in table[1:]}
     assert set(rows) == {"base", "SFT", "PSFT"}
     for name in ("SFT", "PSFT"):
@@ -55,3 +58,52 @@ def test_demo_quick_trains_both_runs_and_reports(backend, tmp_path, tiny_assets)
         assert nll < float(rows["base"][0])  # two steps at this learning rate already fit the math
     assert not math.isnan(float(rows["PSFT"][3]))  # PSFT logged its clip fraction
     assert "At the same number of steps" in output
+
+
+def test_demo_objectives_default_to_sft_vs_psft_and_bad_lists_are_usage_errors(capsys):
+    from psft_plugin.demo.__main__ import DEFAULT_OBJECTIVES, main, parse_objectives
+
+    assert DEFAULT_OBJECTIVES == ("ce", "psft") and parse_objectives("ce, psft,dft") == ("ce", "psft", "dft")
+    for bad, words in (("ce,dtf", "`dtf` is not one of ce, psft, dft"), ("ce,ce", "names an objective twice")):
+        with pytest.raises(SystemExit) as error:
+            main(["--objectives", bad])
+        assert error.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_demo_verdict_names_the_run_it_compares_with_sft():
+    from psft_plugin.demo.report import verdict
+
+    sft = {"in_domain_nll": 1.0, "ood_nll": 2.0, "in_domain_entropy": 0.5}
+    other = {"in_domain_nll": 0.9, "ood_nll": 2.1, "in_domain_entropy": 0.4}
+    assert verdict(sft, other) == verdict(sft, other, "PSFT")
+    assert "in-domain NLL: PSFT 0.9000 vs SFT 1.0000 (PSFT lower)" in verdict(sft, other)
+    assert "out-of-domain NLL: DFT 2.1000 vs SFT 2.0000 (SFT lower)" in verdict(sft, other, "DFT")
+
+
+@pytest.mark.e2e
+def test_demo_quick_with_dft_adds_the_third_run(tmp_path, tiny_assets):
+    """`--objectives ce,psft,dft` on the MLX backend and the tiny model: a DFT row and a verdict line."""
+    output = _run(
+        "-m",
+        "psft_plugin.demo",
+        "--quick",
+        "--backend",
+        "mlx",
+        "--out",
+        str(tmp_path),
+        "--model",
+        str(tiny_assets[0]),
+        "--objectives",
+        "ce,psft,dft",
+    )
+    lines = output.strip().splitlines()
+    assert lines[-1].startswith("plot: ") and lines[-1].endswith("sft_vs_psft_vs_dft.png")
+    assert Path(lines[-1][6:]).stat().st_size > 10_000
+    table = lines[lines.index(next(line for line in lines if line.startswith("model "))) :][:5]
+    rows = {line.split()[0]: line.split()[1:] for line in table[1:]}
+    assert list(rows) == ["base", "SFT", "PSFT", "DFT"]
+    nll, entropy, ood = map(float, rows["DFT"][:3])
+    assert 0 < nll < float(rows["base"][0]) and 0 < entropy < 12 and 0 < ood < 12
+    assert rows["DFT"][3] == "-" and rows["DFT"][:3] != rows["SFT"][:3]  # no clip fraction; not SFT's model
+    verdicts = [line for line in lines if line.startswith("At the same number of steps")]
+    assert len(verdicts) == 2 and "PSFT " in verdicts[0] and "DFT " in verdicts[1]

@@ -26,8 +26,9 @@ def test_tiny_build_is_deterministic_and_loads_in_both_libraries(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_a)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 plus 3?"}], tokenize=True,
-                                        add_generation_prompt=True, return_dict=False)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2 plus 3?"}], tokenize=True, add_generation_prompt=True, return_dict=False
+    )
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
     hf_logits = AutoModelForCausalLM.from_pretrained(model_a)(torch.tensor([ids])).logits.detach().numpy()
     mlx_model, _ = load(str(model_a))

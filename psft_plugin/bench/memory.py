@@ -50,8 +50,9 @@ def mlx_peak_bytes(fn: Callable[[], object]) -> int:
     return mx.get_peak_memory() - base
 
 
-def interleaved(rounds: int, train: Callable[[str], tuple[list[float], int]],
-                forward_seconds: Callable[[], float]) -> dict[str, Any]:
+def interleaved(
+    rounds: int, train: Callable[[str], tuple[list[float], int]], forward_seconds: Callable[[], float]
+) -> dict[str, Any]:
     """Run ``train("sft")`` and ``train("psft")`` alternately (SFT first in even rounds).
 
     ``train`` returns ``(seconds per step, peak bytes)`` of one run; ``forward_seconds`` times

@@ -48,24 +48,39 @@ def fixed_batch(vocab: int, batch_size: int, seq_len: int, steps: int) -> list[d
     rows = torch.randint(3, vocab, (batch_size, seq_len), generator=generator)
     labels = rows.clone()
     labels[:, : seq_len // 4] = -100
-    return [{"input_ids": rows[i % batch_size], "labels": labels[i % batch_size],
-             "attention_mask": torch.ones(seq_len, dtype=torch.long)} for i in range(steps * batch_size)]
+    return [
+        {
+            "input_ids": rows[i % batch_size],
+            "labels": labels[i % batch_size],
+            "attention_mask": torch.ones(seq_len, dtype=torch.long),
+        }
+        for i in range(steps * batch_size)
+    ]
 
 
 def _train(model, initial: dict, dataset: list, setup: dict[str, Any], psft: bool, out_dir: str):
     model.load_state_dict(initial)
     timer = StepTimer()
-    args = TrainingArguments(output_dir=out_dir, max_steps=setup["refresh_steps"] * setup["windows"],
-                             per_device_train_batch_size=setup["batch_size"], learning_rate=1e-5,
-                             logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True,
-                             disable_tqdm=True, dataloader_num_workers=0, seed=0)
+    args = TrainingArguments(
+        output_dir=out_dir,
+        max_steps=setup["refresh_steps"] * setup["windows"],
+        per_device_train_batch_size=setup["batch_size"],
+        learning_rate=1e-5,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
     kwargs = dict(model=model, args=args, train_dataset=dataset, callbacks=[timer])
     if psft:
         trainer = PSFTTrainer(**kwargs, psft_config={"loss": "psft", "psft_refresh_steps": setup["refresh_steps"]})
     else:
         trainer = Trainer(**kwargs)
     peak = torch_peak_bytes(trainer.train)
-    return timer.intervals[setup["refresh_steps"]:], peak
+    return timer.intervals[setup["refresh_steps"] :], peak
 
 
 def _forward_seconds(model, batch: dict[str, torch.Tensor], repeats: int = 3) -> float:
@@ -93,8 +108,11 @@ def measure(model_dir: str, setup: dict[str, Any]) -> dict[str, Any]:
     dataset = fixed_batch(model.config.vocab_size, setup["batch_size"], setup["seq_len"], steps)
     batch = {k: torch.stack([row[k] for row in dataset[: setup["batch_size"]]]) for k in ("input_ids", "labels")}
     with tempfile.TemporaryDirectory() as out_dir:
-        raw = interleaved(setup["rounds"], lambda mode: _train(model, initial, dataset, setup, mode == "psft", out_dir),
-                          lambda: _forward_seconds(model, batch))
+        raw = interleaved(
+            setup["rounds"],
+            lambda mode: _train(model, initial, dataset, setup, mode == "psft", out_dir),
+            lambda: _forward_seconds(model, batch),
+        )
     return {"backend": "torch", **raw}
 
 

@@ -7,12 +7,16 @@ from pathlib import Path
 
 from psft_plugin.demo.runs import History
 
-COLUMNS = (("in_domain_nll", "in-domain NLL"), ("in_domain_entropy", "entropy"),
-           ("ood_nll", "OOD prose NLL"), ("clipfrac", "mean clipfrac"))
+COLUMNS = (
+    ("in_domain_nll", "in-domain NLL"),
+    ("in_domain_entropy", "entropy"),
+    ("ood_nll", "OOD prose NLL"),
+    ("clipfrac", "mean clipfrac"),
+)
 
 
 def table(rows: dict[str, dict[str, float]]) -> str:
-    """Fixed-width table: one row per model (base, SFT, PSFT), NLL/entropy in nats per token."""
+    """Fixed-width table: one row per model (base, SFT, PSFT, ...), NLL/entropy in nats per token."""
     lines = [f"{'model':8s}" + "".join(f"{title:>16s}" for _, title in COLUMNS)]
     for name, values in rows.items():
         cells = [values.get(key, float("nan")) for key, _ in COLUMNS]
@@ -20,14 +24,18 @@ def table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def verdict(sft: dict[str, float], psft: dict[str, float]) -> str:
-    """Plain words on who did better, metric by metric (lower NLL is better, higher entropy is kept)."""
+def verdict(sft: dict[str, float], other: dict[str, float], name: str = "PSFT") -> str:
+    """Plain words on who did better, ``name`` (PSFT, DFT) or SFT, metric by metric (lower NLL is better,
+    higher entropy is kept)."""
     parts = []
-    for key, title, better in (("in_domain_nll", "in-domain NLL", "lower"), ("ood_nll", "out-of-domain NLL", "lower"),
-                               ("in_domain_entropy", "entropy", "higher")):
-        diff = psft[key] - sft[key]
+    for key, title, better in (
+        ("in_domain_nll", "in-domain NLL", "lower"),
+        ("ood_nll", "out-of-domain NLL", "lower"),
+        ("in_domain_entropy", "entropy", "higher"),
+    ):
+        diff = other[key] - sft[key]
         wins = diff < 0 if better == "lower" else diff > 0
-        parts.append(f"{title}: PSFT {psft[key]:.4f} vs SFT {sft[key]:.4f} ({'PSFT' if wins else 'SFT'} {better})")
+        parts.append(f"{title}: {name} {other[key]:.4f} vs SFT {sft[key]:.4f} ({name if wins else 'SFT'} {better})")
     return "At the same number of steps — " + "; ".join(parts) + "."
 
 
@@ -46,8 +54,11 @@ def plot(histories: dict[str, History], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    panels = (("eval_nll", "held-out in-domain NLL (nats/token)"), ("entropy", "token entropy, training batches (nats)"),
-              ("clipfrac", "clip fraction (PSFT)"))
+    panels = (
+        ("eval_nll", "held-out in-domain NLL (nats/token)"),
+        ("entropy", "token entropy, training batches (nats)"),
+        ("clipfrac", "clip fraction (PSFT)"),
+    )  # runs without an old policy log none: no line
     for ax, (metric, label) in zip(axes.flat, panels):
         for name, history in histories.items():
             points = history.series.get(metric, [])

@@ -1,4 +1,4 @@
-"""The demo's two training runs (SFT and PSFT) through the real command lines.
+"""The demo's training runs (SFT and PSFT, and DFT when asked) through the real command lines.
 
 torch: ``axolotl train`` with the PSFT plugin (``loss: ce`` vs ``loss: psft``), training the top
 8 of SmolLM2's 30 blocks and the final norm. MLX: ``python -m psft_plugin.mlx_train`` with LoRA on the top 8
@@ -33,6 +33,7 @@ class Recipe:
     sequence_len: int = 512
     trained_layers: int = 8
     warmup_steps: int = 2
+    lm_head_chunk_size: int = 0  # psft_lm_head_chunk_size of both torch runs (0: full logits)
 
 
 @dataclass
@@ -59,8 +60,14 @@ def objective_keys(loss: str, recipe: Recipe) -> dict[str, Any]:
 
 
 def _chat_dataset(path: Path) -> dict[str, Any]:
-    return {"path": str(path), "ds_type": "json", "type": "chat_template", "field_messages": "messages",
-            "roles_to_train": ["assistant"], "split": "train"}
+    return {
+        "path": str(path),
+        "ds_type": "json",
+        "type": "chat_template",
+        "field_messages": "messages",
+        "roles_to_train": ["assistant"],
+        "split": "train",
+    }
 
 
 def model_layers(model_dir: Path) -> int:
@@ -69,7 +76,7 @@ def model_layers(model_dir: Path) -> int:
 
 
 def axolotl_config(recipe: Recipe, loss: str, model_dir: Path, train: Path, valid: Path, out_dir: Path) -> dict:
-    """An Axolotl YAML (as a dict) for one run; ``loss`` is ``ce`` or ``psft``.
+    """An Axolotl YAML (as a dict) for one run; ``loss`` is ``ce``, ``psft`` or ``dft``.
 
     ``valid`` should hold ``recipe.eval_rows`` rows: Axolotl evaluates the whole file.
     """
@@ -86,27 +93,57 @@ def axolotl_config(recipe: Recipe, loss: str, model_dir: Path, train: Path, vali
         "output_dir": str(out_dir / "model"),
         # Axolotl escapes dots itself and matches anywhere: the top blocks plus the final norm.
         "unfrozen_parameters": [f"model.layers.{i}." for i in range(first, layers)] + ["model.norm"],
-        "sequence_len": recipe.sequence_len, "sample_packing": False,
-        "micro_batch_size": recipe.micro_batch, "gradient_accumulation_steps": 1,
-        "max_steps": recipe.steps, "learning_rate": recipe.learning_rate, "optimizer": "adamw_torch",
-        "lr_scheduler": "constant_with_warmup", "warmup_steps": recipe.warmup_steps, "weight_decay": 0.1, "max_grad_norm": 1.0,
-        "eval_steps": recipe.eval_every, "logging_steps": 1, "save_strategy": "steps", "save_steps": recipe.steps,
-        "save_total_limit": 1, "fp32": True, "bf16": False, "seed": 0,
+        "sequence_len": recipe.sequence_len,
+        "sample_packing": False,
+        "micro_batch_size": recipe.micro_batch,
+        "gradient_accumulation_steps": 1,
+        "max_steps": recipe.steps,
+        "learning_rate": recipe.learning_rate,
+        "optimizer": "adamw_torch",
+        "lr_scheduler": "constant_with_warmup",
+        "warmup_steps": recipe.warmup_steps,
+        "weight_decay": 0.1,
+        "max_grad_norm": 1.0,
+        "eval_steps": recipe.eval_every,
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": recipe.steps,
+        "save_total_limit": 1,
+        "fp32": True,
+        "bf16": False,
+        "seed": 0,
+        **({"psft_lm_head_chunk_size": recipe.lm_head_chunk_size} if recipe.lm_head_chunk_size else {}),
     }
 
 
 def mlx_config(recipe: Recipe, loss: str, model_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     """A ``psft_plugin.mlx_train`` YAML (as a dict) for one run."""
     return {
-        "model": str(model_dir), "data": str(data_dir), "adapter_path": str(out_dir / "adapters"),
-        "fine_tune_type": "lora", "num_layers": min(recipe.trained_layers, model_layers(model_dir)),
+        "model": str(model_dir),
+        "data": str(data_dir),
+        "adapter_path": str(out_dir / "adapters"),
+        "fine_tune_type": "lora",
+        "num_layers": min(recipe.trained_layers, model_layers(model_dir)),
         "lora_parameters": {"rank": 16, "scale": 20.0, "dropout": 0.0},
-        "mask_prompt": True, "max_seq_length": recipe.sequence_len, "batch_size": recipe.micro_batch,
-        "iters": recipe.steps, "optimizer": "adamw",
-        "lr_schedule": {"name": "linear_schedule", "arguments": [recipe.learning_rate, recipe.learning_rate, 1],
-                        "warmup": recipe.warmup_steps} if recipe.warmup_steps else None, "optimizer_config": {"adamw": {"weight_decay": 0.1}},
-        "learning_rate": recipe.learning_rate, "steps_per_report": 1, "steps_per_eval": recipe.eval_every,
-        "val_batches": max(1, recipe.eval_rows // recipe.micro_batch), "save_every": recipe.steps, "seed": 0,
+        "mask_prompt": True,
+        "max_seq_length": recipe.sequence_len,
+        "batch_size": recipe.micro_batch,
+        "iters": recipe.steps,
+        "optimizer": "adamw",
+        "lr_schedule": {
+            "name": "linear_schedule",
+            "arguments": [recipe.learning_rate, recipe.learning_rate, 1],
+            "warmup": recipe.warmup_steps,
+        }
+        if recipe.warmup_steps
+        else None,
+        "optimizer_config": {"adamw": {"weight_decay": 0.1, "bias_correction": True}},
+        "learning_rate": recipe.learning_rate,
+        "steps_per_report": 1,
+        "steps_per_eval": recipe.eval_every,
+        "val_batches": max(1, recipe.eval_rows // recipe.micro_batch),
+        "save_every": recipe.steps,
+        "seed": 0,
         **objective_keys(loss, recipe),
     }
 

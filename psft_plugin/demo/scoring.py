@@ -31,8 +31,9 @@ def chat_rows(tokenizer, path: Path, limit: int) -> list[tuple[list[int], int]]:
     rows = []
     for row in read_jsonl(path)[:limit]:
         full = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=False)
-        prompt = tokenizer.apply_chat_template(row["messages"][:-1], tokenize=True, return_dict=False,
-                                               add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            row["messages"][:-1], tokenize=True, return_dict=False, add_generation_prompt=True
+        )
         rows.append((list(full), len(prompt) - 1))
     return rows
 
@@ -47,13 +48,13 @@ def batches(rows: list[tuple[list[int], int]], pad_id: int, size: int = 8) -> li
     rows = sorted(rows, key=lambda row: len(row[0]))
     out = []
     for start in range(0, len(rows), size):
-        group = rows[start:start + size]
+        group = rows[start : start + size]
         width = max(len(ids) for ids, _ in group)
         ids = np.full((len(group), width), pad_id, dtype=np.int64)
         mask = np.zeros((len(group), width - 1), dtype=np.float32)
         for i, (row_ids, first) in enumerate(group):
-            ids[i, :len(row_ids)] = row_ids
-            mask[i, first:len(row_ids) - 1] = 1.0
+            ids[i, : len(row_ids)] = row_ids
+            mask[i, first : len(row_ids) - 1] = 1.0
         out.append(Batch(ids, mask))
     return out
 

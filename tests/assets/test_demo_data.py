@@ -20,8 +20,13 @@ def _files(data):
 
 def test_default_sizes(demo):
     sizes = {p.name: len(_rows(p)) for p in (demo.train, demo.valid, demo.test, demo.ood_choice, demo.ood_text)}
-    assert sizes == {"train.jsonl": 300, "valid.jsonl": 64, "test.jsonl": 64, "ood_choice.jsonl": 100,
-                     "ood_text.jsonl": 32}
+    assert sizes == {
+        "train.jsonl": 300,
+        "valid.jsonl": 64,
+        "test.jsonl": 64,
+        "ood_choice.jsonl": 100,
+        "ood_text.jsonl": 32,
+    }
 
 
 def test_same_seed_gives_identical_files_and_another_seed_does_not(tmp_path):

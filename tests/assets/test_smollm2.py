@@ -1,5 +1,5 @@
 """The SmolLM2-135M-Instruct builder: a complete, correct checkpoint, built once, that both
-transformers and mlx-lm load and answer with (PSFT_SPEC.md section 6)."""
+transformers and mlx-lm load and answer with (docs/objective.md section 6)."""
 
 import json
 import re
