@@ -24,10 +24,10 @@ import tempfile
 from typing import Any
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer
 
 from psft_plugin.bench.memory import torch_peak_bytes
-from psft_plugin.bench.steps_torch import StepTimer, fixed_batch
+from psft_plugin.bench.steps_torch import StepTimer, bench_training_args, fixed_batch
 from psft_torch.trainer import PSFTTrainer
 
 MODES = ("ce", "psft", "psft-chunked")
@@ -61,19 +61,7 @@ def measure(mode: str, vocab: int, seq_len: int, chunk: int = CHUNK) -> dict[str
     dataset = fixed_batch(vocab, 1, seq_len, STEPS)
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as out_dir:
-        args = TrainingArguments(
-            output_dir=out_dir,
-            max_steps=STEPS,
-            per_device_train_batch_size=1,
-            learning_rate=1e-4,
-            logging_steps=10**6,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            seed=0,
-        )
+        args = bench_training_args(out_dir, STEPS, 1, 1e-4)
         kwargs = dict(model=model, args=args, train_dataset=dataset, callbacks=[timer])
         if mode == "ce":
             trainer = Trainer(**kwargs)

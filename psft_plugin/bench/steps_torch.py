@@ -42,6 +42,23 @@ class StepTimer(TrainerCallback):
         self.last = now
 
 
+def bench_training_args(out_dir: str, max_steps: int, batch_size: int, learning_rate: float) -> TrainingArguments:
+    """CPU ``TrainingArguments`` for a timed run: no logging, saving, progress bar or loader workers, seed 0."""
+    return TrainingArguments(
+        output_dir=out_dir,
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+
+
 def fixed_batch(vocab: int, batch_size: int, seq_len: int, steps: int) -> list[dict[str, torch.Tensor]]:
     """``steps * batch_size`` copies of one random batch (the prompt's first quarter masked)."""
     generator = torch.Generator().manual_seed(0)
@@ -61,19 +78,7 @@ def fixed_batch(vocab: int, batch_size: int, seq_len: int, steps: int) -> list[d
 def _train(model, initial: dict, dataset: list, setup: dict[str, Any], psft: bool, out_dir: str):
     model.load_state_dict(initial)
     timer = StepTimer()
-    args = TrainingArguments(
-        output_dir=out_dir,
-        max_steps=setup["refresh_steps"] * setup["windows"],
-        per_device_train_batch_size=setup["batch_size"],
-        learning_rate=1e-5,
-        logging_steps=10**6,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
-    )
+    args = bench_training_args(out_dir, setup["refresh_steps"] * setup["windows"], setup["batch_size"], 1e-5)
     kwargs = dict(model=model, args=args, train_dataset=dataset, callbacks=[timer])
     if psft:
         trainer = PSFTTrainer(**kwargs, psft_config={"loss": "psft", "psft_refresh_steps": setup["refresh_steps"]})
