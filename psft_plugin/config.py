@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Collection, Mapping, Optional, Sequence
 
 from psft_plugin.objective import Objective
-from psft_plugin.objectives import LM_HEAD_CHUNK_KEY, TRAINER_OPTIONS
+from psft_plugin.objectives import AGGREGATION_OPTION, LM_HEAD_CHUNK_KEY, REFRESH_KEY, TRAINER_OPTIONS, WARMUP_KEY
 from psft_plugin.options import ConfigError, Option, resolve_options, suggest
 from psft_plugin.registry import ObjectiveRegistry, UnknownObjectiveError, default_registry
 
@@ -32,8 +32,6 @@ LOSS_OPTION = Option("loss", "ce", "objective name from the registry: `psft` for
 """``loss``: the objective. One default for every host, so a config without it trains plain SFT."""
 
 KEY_PREFIX = "psft_"
-REFRESH_KEY = "psft_refresh_steps"
-WARMUP_KEY = "psft_warmup_steps"
 CLOSE_MATCH = 0.6
 """``difflib`` similarity from which an unknown key is taken for a misspelt option."""
 
@@ -63,10 +61,97 @@ class Settings:
         """Response tokens per LM-head chunk (0: full logits); see :data:`TRAINER_OPTIONS`."""
         return int(self.trainer[LM_HEAD_CHUNK_KEY])
 
+    @property
+    def loss_agg(self) -> str:
+        """How per-token losses are averaged over an optimizer step (every objective reads it)."""
+        return str(self.resolved.get(AGGREGATION_OPTION.key, AGGREGATION_OPTION.default))
+
+    def summary(self) -> str:
+        """What a host's start-up line says: the objective, its values, and the window only if it keeps an old policy.
+
+        E.g. ``loss=psft (psft_epsilon_high=0.28, ...), refresh every 8 optimizer steps`` or ``loss=ce``.
+        """
+        values = ", ".join(
+            f"{key}={value}" for key, value in self.resolved.items() if key not in (REFRESH_KEY, WARMUP_KEY)
+        )
+        text = f"loss={self.objective.name}" + (f" ({values})" if values else "")
+        if self.objective.uses_old_policy:
+            text += f", refresh every {self.refresh_steps} optimizer steps"
+            text += f" after {self.warmup_steps} warm-up steps" if self.warmup_steps else ""
+        return text
+
 
 def _users(registry: ObjectiveRegistry, key: str) -> str:
     """``psft`` or ``a or b``: the objectives that read option ``key``."""
     return " or ".join(name for name in registry.names() if key in {o.key for o in registry.get(name).options})
+
+
+def _objective_problems(
+    config: Mapping[str, Any], registry: ObjectiveRegistry
+) -> tuple[Optional[Objective], list[str]]:
+    """Rule 1: the registered objective ``loss`` names, or ``None`` and the problem."""
+    name, problem = LOSS_OPTION.read(config.get(LOSS_OPTION.key))
+    if problem:
+        return None, [problem]
+    try:
+        return registry.get(name), []
+    except UnknownObjectiveError as error:
+        return None, [str(error)]
+
+
+def _unknown_key_problems(
+    config: Mapping[str, Any], options: Mapping[str, Option], host_keys: Collection[str], closed: bool
+) -> list[str]:
+    """Rule 2: unknown ``psft_*`` keys, keys closer to an option than to any known key, and (``closed``) any other."""
+    known = {LOSS_OPTION.key, *options, *host_keys}
+    problems = []
+    for key in (key for key in config if key not in known):
+        if str(key).startswith(KEY_PREFIX):
+            problems.append(f"unknown key `{key}`{suggest(str(key), options)}")
+        elif closed:
+            problems.append(f"unknown key `{key}`{suggest(str(key), known)}")
+        else:  # a key of the host's that we were not told about is closer to that key than to ours
+            close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=CLOSE_MATCH)
+            if close and close[0] in options:
+                problems.append(f"unknown key `{key}` (did you mean `{close[0]}`?)")
+    return problems
+
+
+def _value_problems(config: Mapping[str, Any], options: Mapping[str, Option]) -> list[str]:
+    """Rule 3: the type, bounds or choices of every option set."""
+    return [
+        problem
+        for key, option in options.items()
+        if config.get(key) is not None
+        for problem in [option.problem(config[key])]
+        if problem
+    ]
+
+
+def _ignored_option_problems(config: Mapping[str, Any], objective: Objective, registry: ObjectiveRegistry) -> list[str]:
+    """Rule 4: options set that ``objective`` does not read (never train plain CE with PSFT keys in the file)."""
+    name = objective.name
+    unset = "" if config.get(LOSS_OPTION.key) is not None else f" (`loss` is not set; its default is `{name}`)"
+    read = registry.keys_read_by(objective)
+    return [
+        f"`{key}` has no effect with `loss: {name}`; set `loss: {_users(registry, key)}` or remove `{key}`{unset}"
+        for key in registry.options()
+        if key not in read and config.get(key) is not None
+    ]
+
+
+def _settings(objective: Objective, config: Mapping[str, Any]) -> Settings:
+    """The settings of a configuration with no problem: option values with defaults filled."""
+    values = {key: value for key, value in config.items() if value is not None}
+    resolved = objective.resolve(values)
+    old_policy = objective.uses_old_policy
+    return Settings(
+        objective=objective,
+        resolved=resolved,
+        trainer=resolve_options(TRAINER_OPTIONS, values),
+        refresh_steps=int(resolved.get(REFRESH_KEY, 1)) if old_policy else 1,
+        warmup_steps=int(resolved.get(WARMUP_KEY, 0)) if old_policy else 0,
+    )
 
 
 def resolve(
@@ -89,60 +174,16 @@ def resolve(
         registry: the objective registry (default: the process-wide one).
 
     Returns the settings when there is no problem at all; the rules are listed in the module
-    docstring.
+    docstring, one function each.
     """
     registry = registry or default_registry()
     options = registry.options()
-    problems = []
-    # 1. `loss` names a registered objective
-    name, loss_problem = LOSS_OPTION.read(config.get(LOSS_OPTION.key))
-    objective = None
-    if loss_problem:
-        problems.append(loss_problem)
-    else:
-        try:
-            objective = registry.get(name)
-        except UnknownObjectiveError as error:
-            problems.append(str(error))
-    # 2. unknown and misspelt keys
-    known = {LOSS_OPTION.key, *options, *host_keys}
-    for key in (key for key in config if key not in known):
-        if str(key).startswith(KEY_PREFIX):
-            problems.append(f"unknown key `{key}`{suggest(str(key), options)}")
-        elif closed:
-            problems.append(f"unknown key `{key}`{suggest(str(key), known)}")
-        else:  # a key of the host's that we were not told about is closer to that key than to ours
-            close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=CLOSE_MATCH)
-            if close and close[0] in options:
-                problems.append(f"unknown key `{key}` (did you mean `{close[0]}`?)")
-    # 3. types and bounds of every option set
-    problems += [
-        problem
-        for key, option in options.items()
-        if config.get(key) is not None
-        for problem in [option.problem(config[key])]
-        if problem
-    ]
-    # 4. options the chosen objective ignores (never train plain CE with PSFT keys in the file)
+    objective, problems = _objective_problems(config, registry)
+    problems += _unknown_key_problems(config, options, host_keys, closed)
+    problems += _value_problems(config, options)
     if objective is not None:
-        unset = "" if config.get(LOSS_OPTION.key) is not None else f" (`loss` is not set; its default is `{name}`)"
-        read = registry.keys_read_by(objective)
-        problems += [
-            f"`{key}` has no effect with `loss: {name}`; set `loss: {_users(registry, key)}` or remove `{key}`{unset}"
-            for key in options
-            if key not in read and config.get(key) is not None
-        ]
-    # 5. what the host found in its own settings
-    problems += host_problems
+        problems += _ignored_option_problems(config, objective, registry)
+    problems += host_problems  # rule 5: what the host found in its own settings
     if problems:
         raise ConfigError(problems)
-    values = {key: value for key, value in config.items() if value is not None}
-    resolved = objective.resolve(values)
-    old_policy = objective.uses_old_policy
-    return Settings(
-        objective=objective,
-        resolved=resolved,
-        trainer=resolve_options(TRAINER_OPTIONS, values),
-        refresh_steps=int(resolved.get(REFRESH_KEY, 1)) if old_policy else 1,
-        warmup_steps=int(resolved.get(WARMUP_KEY, 0)) if old_policy else 0,
-    )
+    return _settings(objective, config)

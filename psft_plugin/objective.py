@@ -8,8 +8,6 @@ from typing import Any, Callable, Mapping
 
 from psft_plugin.options import Option, loss_kwargs, resolve_options
 
-BACKENDS = ("numpy", "torch", "mlx")
-
 
 @dataclass(frozen=True)
 class Objective:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from psft_plugin.hookspecs import hookimpl
 from psft_plugin.objective import Objective
 from psft_plugin.options import Option
-from psft_plugin.spec import AGGREGATIONS
+from psft_plugin.spec import AGGREGATIONS, EPSILON_HIGH, EPSILON_HIGH_MIN, EPSILON_LOW, EPSILON_LOW_RANGE
 
 AGGREGATION_OPTION = Option(
     "psft_loss_agg",
@@ -20,20 +20,27 @@ AGGREGATION_OPTION = Option(
     choices=AGGREGATIONS,
 )
 
+REFRESH_KEY = "psft_refresh_steps"
+WARMUP_KEY = "psft_warmup_steps"
+
 PSFT_OPTIONS = (
     Option(
         "psft_epsilon_low",
-        0.2,
+        EPSILON_LOW,
         "lower clip: ratio floor is 1 - eps (acts only where advantages < 0)",
         loss_arg="epsilon_low",
-        ge=0.0,
-        lt=1.0,
+        ge=EPSILON_LOW_RANGE[0],
+        lt=EPSILON_LOW_RANGE[1],
     ),
-    Option("psft_epsilon_high", 0.28, "upper clip: ratio ceiling is 1 + eps", loss_arg="epsilon_high", ge=0.0),
     Option(
-        "psft_refresh_steps", 8, "optimizer steps per old-policy refresh (K); 1 makes PSFT equal SFT", type=int, ge=1
+        "psft_epsilon_high",
+        EPSILON_HIGH,
+        "upper clip: ratio ceiling is 1 + eps",
+        loss_arg="epsilon_high",
+        ge=EPSILON_HIGH_MIN,
     ),
-    Option("psft_warmup_steps", 0, "plain SFT optimizer steps before PSFT starts", type=int, ge=0),
+    Option(REFRESH_KEY, 8, "optimizer steps per old-policy refresh (K); 1 makes PSFT equal SFT", type=int, ge=1),
+    Option(WARMUP_KEY, 0, "plain SFT optimizer steps before PSFT starts", type=int, ge=0),
     AGGREGATION_OPTION,
 )
 

@@ -111,9 +111,10 @@ class ConfigError(ValueError):
 
 
 def suggest(word: str, candidates: Iterable[str]) -> str:
-    """`` (did you mean `x`?)`` for the closest candidate, or an empty string."""
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean `{close[0]}`?)" if close else ""
+    """`` (did you mean `x`?)`` for the closest candidate, case ignored (``PSFT`` -> ``psft``), or an empty string."""
+    by_lower = {str(candidate).lower(): candidate for candidate in candidates}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean `{by_lower[close[0]]}`?)" if close else ""
 
 
 def resolve_options(options: Sequence[Option], values: Mapping[str, Any]) -> dict[str, Any]:

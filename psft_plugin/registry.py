@@ -1,7 +1,9 @@
 """The objective registry: a pluggy plugin manager that hosts query by objective name.
 
 Built-in objectives are registered directly; third-party ones come from the entry-point group
-``psft_plugin.objectives`` (the built-ins are declared there too, and are not loaded twice).
+``psft_plugin.objectives`` (the built-ins are declared there too, and are not loaded twice). An
+entry point that takes a built-in's name (``ce``, ``psft``, ``dft``) or another entry point's is an
+error naming both, never silently skipped.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Optional
 
 import pluggy
 
-from psft_plugin import hookspecs
+from psft_plugin import hookspecs, objectives
 from psft_plugin.objective import Objective
 from psft_plugin.objectives import BUILTIN_PLUGINS, TRAINER_OPTIONS
 from psft_plugin.options import Option, suggest
@@ -43,20 +45,42 @@ def make_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
     return manager
 
 
+def _dist(entry_point: metadata.EntryPoint) -> str:
+    """The name of the distribution that declares ``entry_point``."""
+    return entry_point.dist.name if entry_point.dist else "unknown distribution"
+
+
+def _describe(entry_point: metadata.EntryPoint) -> str:
+    """```name = module:attr` (from dist-name)``, for error messages."""
+    return f"`{entry_point.name} = {entry_point.value}` (from {_dist(entry_point)})"
+
+
 def _load_entry_points(manager: pluggy.PluginManager) -> None:
-    """Register every plugin of the entry-point group, naming the culprit when one fails."""
+    """Register every plugin of the entry-point group, naming the culprit when one fails or clashes.
+
+    The built-ins' own declarations (``ce = psft_plugin.objectives:ce``) are skipped: they are
+    registered already. Any other entry point whose name is taken raises, naming both.
+    """
+    loaded: dict[str, metadata.EntryPoint] = {}
     for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if manager.get_plugin(entry_point.name) is not None:
+        name, builtin = entry_point.name, f"{objectives.__name__}:{entry_point.name}"
+        if name in BUILTIN_PLUGINS and entry_point.value == builtin:
             continue
-        dist = entry_point.dist.name if entry_point.dist else "unknown distribution"
+        if name in BUILTIN_PLUGINS or name in loaded:
+            taken = f"the built-in objective plugin `{builtin}`" if name in BUILTIN_PLUGINS else _describe(loaded[name])
+            raise ObjectivePluginError(
+                f"objective plugin {_describe(entry_point)} in entry-point group {ENTRY_POINT_GROUP} takes the "
+                f"name `{name}` of {taken}; rename the entry point (and its objective) or uninstall one of them."
+            )
         try:
             plugin = entry_point.load()
         except Exception as error:
             raise ObjectivePluginError(
-                f"objective plugin `{entry_point.name} = {entry_point.value}` (from {dist}, entry-point "
-                f"group {ENTRY_POINT_GROUP}) failed to import: {error!r}. Fix or uninstall {dist}."
+                f"objective plugin {_describe(entry_point)} in entry-point group {ENTRY_POINT_GROUP} failed to "
+                f"import: {error!r}. Fix or uninstall {_dist(entry_point)}."
             ) from error
-        manager.register(plugin, name=entry_point.name)
+        manager.register(plugin, name=name)
+        loaded[name] = entry_point
 
 
 class ObjectiveRegistry:
@@ -104,10 +128,6 @@ class ObjectiveRegistry:
     def keys_read_by(self, objective: Objective) -> set[str]:
         """The YAML keys that take effect with ``loss: <objective>``: its own options and the trainer's."""
         return {option.key for option in (*objective.options, *TRAINER_OPTIONS)}
-
-    def option_keys(self) -> set[str]:
-        """Every YAML key declared by any registered objective."""
-        return set(self.options())
 
 
 @functools.lru_cache(maxsize=1)

@@ -166,7 +166,7 @@ def _host_problems(config: dict, tmp_path) -> dict[str, list[str]]:
     found = {"axolotl": config_problems(config, host_keys=())}
     for host, check in (
         ("torch mixin", PSFTSettings.from_config),
-        ("mlx", lambda c: resolve_config({"model": str(model), "data": str(data), **c})),
+        ("mlx", lambda c: resolve_config({"model": str(model), "data": str(data), "train": True, **c})),
     ):
         try:
             check(config)

@@ -18,7 +18,7 @@ def test_builtins_are_registered_and_loadable_per_backend():
 
     assert psft.loss_fn("numpy") is psft_loss and registry.get("dft").loss_fn("numpy") is dft_loss
     assert [o.key for o in registry.get("dft").options] == ["psft_loss_agg"]
-    assert {"psft_epsilon_low", "psft_refresh_steps", "psft_loss_agg"} <= registry.option_keys()
+    assert {"psft_epsilon_low", "psft_refresh_steps", "psft_loss_agg"} <= registry.options().keys()
 
 
 def test_builtins_are_declared_in_the_entry_point_group():
@@ -66,11 +66,11 @@ def test_options_resolve_with_defaults_and_report_every_problem():
     assert "psft_epsilon_low" in str(error.value) and "psft_refresh_steps" in str(error.value)
 
 
-def _install_toy_distribution(root, entry_point: str, module_source: str) -> None:
-    (root / "toy_objective.py").write_text(textwrap.dedent(module_source))
-    info = root / "toy_objective-0.1.dist-info"
+def _install_toy_distribution(root, entry_point: str, module_source: str, module: str = "toy_objective") -> None:
+    (root / f"{module}.py").write_text(textwrap.dedent(module_source))
+    info = root / f"{module}-0.1.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-objective\nVersion: 0.1\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\n{entry_point}\n")
 
 
@@ -121,3 +121,55 @@ def test_duplicate_objective_names_are_rejected(tmp_path, monkeypatch):
             ObjectiveRegistry(make_plugin_manager())
     finally:
         sys.modules.pop("toy_objective", None)
+
+
+@pytest.mark.parametrize("name", ["ce", "psft", "dft"])
+def test_an_entry_point_taking_a_builtin_name_is_an_error(tmp_path, monkeypatch, name):
+    """Before: skipped without a word, so the third-party objective silently never loaded."""
+    _install_toy_distribution(tmp_path, f"{name} = toy_objective", TOY_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(ObjectivePluginError) as error:
+            make_plugin_manager()
+        message = str(error.value)
+        assert f"`{name} = toy_objective` (from toy-objective)" in message
+        assert f"takes the name `{name}` of the built-in objective plugin `psft_plugin.objectives:{name}`" in message
+        assert "rename the entry point" in message
+        assert "toy_objective" not in sys.modules  # refused before anything of it is imported
+    finally:
+        sys.modules.pop("toy_objective", None)
+
+
+def test_two_entry_points_with_one_name_are_an_error(tmp_path, monkeypatch):
+    for folder, module in (("a", "toy_objective"), ("b", "other_objective")):
+        (tmp_path / folder).mkdir()
+        _install_toy_distribution(tmp_path / folder, f"toy = {module}", TOY_SOURCE, module=module)
+        monkeypatch.syspath_prepend(str(tmp_path / folder))
+    try:
+        with pytest.raises(ObjectivePluginError) as error:
+            make_plugin_manager()
+        message = str(error.value)
+        assert "takes the name `toy` of" in message
+        assert "`toy = toy_objective` (from toy-objective)" in message
+        assert "`toy = other_objective` (from other-objective)" in message
+    finally:
+        sys.modules.pop("toy_objective", None)
+        sys.modules.pop("other_objective", None)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("psft_epsilon_low", v) for v in (-0.1, 0.0, 0.99, 1.0)] + [("psft_epsilon_high", v) for v in (-0.1, 0.0, 5.0)],
+)
+def test_the_epsilon_options_and_the_spec_accept_the_same_values(key, value):
+    """One declaration of the bounds: a value the YAML accepts never fails inside the loss, and the reverse."""
+    from psft_plugin.spec import check_hyperparameters
+
+    option = {o.key: o for o in get_objective("psft").options}[key]
+    epsilons = {"epsilon_low": 0.2, "epsilon_high": 0.28, option.loss_arg: value}
+    try:
+        check_hyperparameters(epsilons["epsilon_low"], epsilons["epsilon_high"], "token-mean", None)
+        spec_accepts = True
+    except ValueError:
+        spec_accepts = False
+    assert (option.problem(value) is None) == spec_accepts

@@ -15,6 +15,7 @@ from typing import Optional
 import mlx.core as mx
 
 from psft_mlx.loss import token_logprobs
+from psft_plugin.spec import IGNORE_INDEX
 
 
 def chunked_token_logprobs(
@@ -24,7 +25,7 @@ def chunked_token_logprobs(
     *,
     bias: Optional[mx.array] = None,
     chunk_size: int = 1024,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> mx.array:
     """``[B, T, H]`` hidden states, ``[V, H]`` LM-head weight, aligned ``[B, T]`` targets -> ``[B, T]`` float32.
 

@@ -11,10 +11,10 @@ from typing import Optional
 
 import mlx.core as mx
 
-from psft_plugin.spec import LOG_RATIO_CLAMP, check_hyperparameters
+from psft_plugin.spec import EPSILON_HIGH, EPSILON_LOW, IGNORE_INDEX, LOG_RATIO_CLAMP, check_hyperparameters
 
 
-def token_logprobs(logits: mx.array, targets: mx.array, ignore_index: int = -100) -> mx.array:
+def token_logprobs(logits: mx.array, targets: mx.array, ignore_index: int = IGNORE_INDEX) -> mx.array:
     """``[B, T, V]`` logits and aligned ``[B, T]`` targets -> ``[B, T]`` float32 log-probs.
 
     logsumexp + gather: no second ``[B, T, V]`` array is kept for the backward pass.
@@ -67,8 +67,8 @@ def psft_loss(
     old_logp: mx.array,
     mask: mx.array,
     *,
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.28,
+    epsilon_low: float = EPSILON_LOW,
+    epsilon_high: float = EPSILON_HIGH,
     advantages: Optional[mx.array] = None,
     agg: str = "token-mean",
     num_tokens: Optional[float] = None,

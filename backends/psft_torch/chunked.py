@@ -16,7 +16,7 @@ by ``lm_head.weight`` read directly, which silently drops a LoRA adapter on the 
 ZeRO-3, sees an empty partition outside the module's call; it knows softcapping and
 ``logit_scale`` but not Granite's ``logits_scaling``; and it chunks the vocabulary for all
 positions at once with a float32 ``[V, H]`` weight-gradient buffer. Measured against it on CPU
-(``python -m psft_plugin.bench.trl_compare``), see the README's benchmark section.
+(``python -m psft_plugin.bench.trl_compare``), see docs/bench.md.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from psft_plugin.spec import IGNORE_INDEX
 from psft_torch.loss import _TokenLogprobs
 
-IGNORE_INDEX = -100
 Head = Callable[[torch.Tensor], torch.Tensor]
 """``[N, H]`` hidden states -> ``[N, V]`` logits (any dtype), differentiable in both."""
 
@@ -45,6 +45,34 @@ def _head_chunk(
 def chunk_count(targets: torch.Tensor, chunk_size: int, ignore_index: int = IGNORE_INDEX) -> int:
     """How many head calls :func:`head_token_logprobs` makes for ``targets`` (at least 1)."""
     return max(1, -(-int((targets != ignore_index).sum()) // chunk_size))
+
+
+def _check_inputs(hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> None:
+    """Raise ``ValueError`` unless ``hidden`` is ``[B, T, H]``, ``targets`` ``[B, T]`` and ``chunk_size >= 1``."""
+    if hidden.dim() != 3 or targets.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"hidden must be [B, T, H] and targets [B, T]; got {tuple(hidden.shape)}, {tuple(targets.shape)}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+
+
+def _padding_calls(head: Head, row: torch.Tensor, target: torch.Tensor, count: int) -> Optional[torch.Tensor]:
+    """``count`` head calls on the ``[1, H]`` ``row`` as one 0-dim tensor to add times 0 (``None`` for none)."""
+    if count <= 0:
+        return None
+    target = torch.zeros_like(target)  # any valid id: the result is multiplied by 0
+    calls = [checkpoint(_head_chunk, head, row, target, [False], use_reentrant=False)[0].sum() for _ in range(count)]
+    return torch.stack(calls).sum()
+
+
+def _scatter(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``[N]`` float32 ``values`` into a ``[B, T]`` tensor of zeros, at the ``N`` positions ``keep`` marks.
+
+    Scattered straight into ``[B, T]`` (row-major, the order ``keep`` picked them in): a reshaped
+    view returned from an FSDP2 module's forward would make FSDP warn that in-place use drops its hook.
+    """
+    return values.new_zeros(keep.shape).masked_scatter(keep, values)
 
 
 def head_token_logprobs(
@@ -69,12 +97,7 @@ def head_token_logprobs(
     must make the same number. One call is always made, so that the head stays in the autograd
     graph (zero gradient) when no position has a target.
     """
-    if hidden.dim() != 3 or targets.shape != hidden.shape[:2]:
-        raise ValueError(
-            f"hidden must be [B, T, H] and targets [B, T]; got {tuple(hidden.shape)}, {tuple(targets.shape)}"
-        )
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    _check_inputs(hidden, targets, chunk_size)
     flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     keep = flat_targets != ignore_index
     rows, picked = flat_hidden[keep], flat_targets[keep]  # prompt and padding never reach the head
@@ -90,26 +113,17 @@ def head_token_logprobs(
         )
         for start in range(0, picked.numel(), chunk_size)
     ]
-    surplus = max(chunks or 0, 1) - len(pieces)
-    padding = [
-        checkpoint(
-            _head_chunk, head, flat_hidden[:1], torch.zeros_like(flat_targets[:1]), [False], use_reentrant=False
-        )[0].sum()
-        for _ in range(surplus)
-    ]
+    padding = _padding_calls(head, flat_hidden[:1], flat_targets[:1], max(chunks or 0, 1) - len(pieces))
     want_entropy[0] = False  # the backward's recomputation needs the log-probs only
     values = torch.cat([p[0] for p in pieces]) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-    # Scattered straight into [B, T] (row-major, the order `keep` picked them in): a reshaped view
-    # returned from an FSDP2 module's forward would make FSDP warn that in-place use drops its hook.
     keep = keep.reshape(targets.shape)
-    logp = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device).masked_scatter(keep, values)
-    if padding:
-        logp = logp + 0.0 * torch.stack(padding).sum()
-    ent = None
-    if entropy:
-        ent_values = torch.cat([p[1] for p in pieces]) if pieces else values.detach()
-        ent = torch.zeros_like(logp, requires_grad=False).masked_scatter(keep, ent_values.detach())
-    return logp, ent
+    logp = _scatter(values, keep)
+    if padding is not None:
+        logp = logp + 0.0 * padding
+    if not entropy:
+        return logp, None
+    ent_values = torch.cat([p[1] for p in pieces]) if pieces else values.detach()
+    return logp, _scatter(ent_values.detach(), keep)
 
 
 def chunked_token_logprobs(

@@ -40,12 +40,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from psft_plugin.objectives import LM_HEAD_CHUNK_KEY
 from psft_torch.chunked import chunk_count, head_token_logprobs
 
 TARGETS_KWARG = "psft_lm_head_targets"
 ENTROPY_KWARG = "psft_lm_head_entropy"
 LOGP_KEY, ENTROPY_KEY = "psft_logp", "psft_entropy"
-CHUNK_KEY = "psft_lm_head_chunk_size"
 PROBE_POSITIONS = 8
 KNOWN_TRANSFORMS = ("logit_scale", "logits_scaling", "final_logit_softcapping")
 _NOT_OUTPUT_TRANSFORMS = ("attn_logit_softcapping", "output_logits", "router_logits")
@@ -56,8 +56,8 @@ def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not callable(getattr(base, "get_output_embeddings", None)) or base.get_output_embeddings() is None:
         raise ValueError(
-            f"`{CHUNK_KEY}` needs a causal LM with an output-embeddings module (`lm_head`); "
-            f"{type(base).__name__} has none. Set `{CHUNK_KEY}: 0`."
+            f"`{LM_HEAD_CHUNK_KEY}` needs a causal LM with an output-embeddings module (`lm_head`); "
+            f"{type(base).__name__} has none. Set `{LM_HEAD_CHUNK_KEY}: 0`."
         )
     return base
 
@@ -197,17 +197,17 @@ class ChunkedHead:
         name = type(self.lm).__name__
         if not hasattr(outputs, "items"):
             raise RuntimeError(
-                f"`{CHUNK_KEY}`: {name} returned a {type(outputs).__name__}, not a ModelOutput "
-                f"(`return_dict=False`?); call it with return_dict=True or set `{CHUNK_KEY}: 0`"
+                f"`{LM_HEAD_CHUNK_KEY}`: {name} returned a {type(outputs).__name__}, not a ModelOutput "
+                f"(`return_dict=False`?); call it with return_dict=True or set `{LM_HEAD_CHUNK_KEY}: 0`"
             )
         if call.calls != 1:
             raise RuntimeError(
-                f"`{CHUNK_KEY}`: {name}'s forward called its LM head {call.calls} times (expected once); a fused "
-                f"kernel replaced it (cut_cross_entropy, Liger) or the model has extra heads. Set `{CHUNK_KEY}: 0`."
+                f"`{LM_HEAD_CHUNK_KEY}`: {name}'s forward called its LM head {call.calls} times (expected once); a fused "
+                f"kernel replaced it (cut_cross_entropy, Liger) or the model has extra heads. Set `{LM_HEAD_CHUNK_KEY}: 0`."
             )
         if call.hidden.shape[:2] != targets.shape:
             raise RuntimeError(
-                f"`{CHUNK_KEY}`: the LM head got {tuple(call.hidden.shape[:2])} positions but the "
+                f"`{LM_HEAD_CHUNK_KEY}`: the LM head got {tuple(call.hidden.shape[:2])} positions but the "
                 f"labels cover {tuple(targets.shape)} (`logits_to_keep`?); pass every position"
             )
         if call.probe:
@@ -228,9 +228,9 @@ class ChunkedHead:
                 else f"max |difference| {(ours.float() - logits.float()).abs().max().item():.3g}"
             )
             raise RuntimeError(
-                f"`{CHUNK_KEY}`: {type(self.lm).__name__} changes its logits after the LM head in a way the chunked "
+                f"`{LM_HEAD_CHUNK_KEY}`: {type(self.lm).__name__} changes its logits after the LM head in a way the chunked "
                 f"path does not reproduce ({gap}; it applies {', '.join(KNOWN_TRANSFORMS)}; this config sets "
-                f"{', '.join(_suspects(self.lm)) or 'no such key'}). Set `{CHUNK_KEY}: 0` for this model."
+                f"{', '.join(_suspects(self.lm)) or 'no such key'}). Set `{LM_HEAD_CHUNK_KEY}: 0` for this model."
             )
         self.checked = True
 

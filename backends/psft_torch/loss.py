@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from psft_plugin.spec import LOG_RATIO_CLAMP, check_hyperparameters
+from psft_plugin.spec import EPSILON_HIGH, EPSILON_LOW, IGNORE_INDEX, LOG_RATIO_CLAMP, check_hyperparameters
 
 # Rows of [*, V] logits reduced per logsumexp call: bounds the forward's temporary to
 # about 64 MiB of float32 whatever B * T is.
@@ -54,7 +54,7 @@ class _TokenLogprobs(torch.autograd.Function):
         return grad.to(logits.dtype), None, None, None
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """``[B, T, V]`` logits and aligned ``[B, T]`` targets -> ``[B, T]`` float32 log-probs.
 
     Computed in float32 whatever the logits' dtype. Autograd keeps only the logits and
@@ -65,7 +65,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
 
 
 def token_logprobs_and_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, entropy: bool = True
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX, entropy: bool = True
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """:func:`token_logprobs` plus, with ``entropy``, each position's predictive entropy in one pass.
 
@@ -116,8 +116,8 @@ def psft_loss(
     old_logp: torch.Tensor,
     mask: torch.Tensor,
     *,
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.28,
+    epsilon_low: float = EPSILON_LOW,
+    epsilon_high: float = EPSILON_HIGH,
     advantages: Optional[torch.Tensor] = None,
     agg: str = "token-mean",
     num_tokens: Optional[float] = None,
@@ -158,8 +158,8 @@ def psft_ce_weights(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     *,
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.28,
+    epsilon_low: float = EPSILON_LOW,
+    epsilon_high: float = EPSILON_HIGH,
     advantages: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Detached ``[B, T]`` weights ``w`` with ``grad(sum(c * w * ce)) == grad(psft_loss)``.

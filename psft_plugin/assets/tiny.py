@@ -16,7 +16,7 @@ import argparse
 import json
 import random
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -79,23 +79,46 @@ def build_tokenizer(vocab_size: int = 384, seed: int = 0):
     return tokenizer
 
 
-def build_model(out_dir: Path, hidden_size: int = 64, layers: int = 2, seed: int = 0) -> Path:
-    """Save a randomly initialised (seeded) float32 Llama model and its tokenizer to ``out_dir``."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def decoder_shape(vocab_size: int, hidden_size: int = 64, layers: int = 2) -> dict[str, Any]:
+    """The tiny decoder's shape, as keyword arguments of a transformers config (Llama, Gemma2, ...).
 
-    tokenizer = build_tokenizer(seed=seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    ``hidden_size`` wide with a ``2 * hidden_size`` MLP, ``layers`` layers of 4 query heads over 2
+    key/value heads, 512 positions, no attention dropout.
+    """
+    return dict(
+        vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
         attention_dropout=0.0,
+    )
+
+
+def llama_config(vocab_size: int, hidden_size: int = 64, layers: int = 2, **overrides: Any):
+    """A ``LlamaConfig`` of :func:`decoder_shape` with an untied LM head; ``overrides`` win.
+
+    The one tiny Llama of the project: the saved tiny model, the tests' in-memory models and the
+    LM-head benchmark's are all built from it.
+    """
+    from transformers import LlamaConfig
+
+    shape = decoder_shape(vocab_size, hidden_size, layers)
+    return LlamaConfig(**{**shape, "rope_theta": 10000.0, "tie_word_embeddings": False, **overrides})
+
+
+def build_model(out_dir: Path, hidden_size: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    """Save a randomly initialised (seeded) float32 Llama model and its tokenizer to ``out_dir``."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tokenizer = build_tokenizer(seed=seed)
+    config = llama_config(
+        len(tokenizer),
+        hidden_size,
+        layers,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,

@@ -24,10 +24,12 @@ import tempfile
 from typing import Any
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer
+from transformers import LlamaForCausalLM, Trainer
 
+from psft_plugin.assets import tiny
 from psft_plugin.bench.memory import torch_peak_bytes
 from psft_plugin.bench.steps_torch import StepTimer, bench_training_args, fixed_batch
+from psft_plugin.objectives import LM_HEAD_CHUNK_KEY
 from psft_torch.trainer import PSFTTrainer
 
 MODES = ("ce", "psft", "psft-chunked")
@@ -37,20 +39,9 @@ REFRESH_STEPS = 8  # the default K: steps after the first are stamped steps (r !
 
 
 def tiny_model(vocab: int, seq_len: int) -> LlamaForCausalLM:
-    """Hidden 64, 2 layers, ``vocab`` outputs, float32, seeded."""
+    """The tiny Llama (:func:`psft_plugin.assets.tiny.llama_config`) with ``vocab`` outputs, float32, seeded."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=seq_len,
-        tie_word_embeddings=False,
-        attention_dropout=0.0,
-    )
-    return LlamaForCausalLM(config).to(torch.float32)
+    return LlamaForCausalLM(tiny.llama_config(vocab, max_position_embeddings=seq_len)).to(torch.float32)
 
 
 def measure(mode: str, vocab: int, seq_len: int, chunk: int = CHUNK) -> dict[str, Any]:
@@ -69,7 +60,7 @@ def measure(mode: str, vocab: int, seq_len: int, chunk: int = CHUNK) -> dict[str
             config = {
                 "loss": "psft",
                 "psft_refresh_steps": REFRESH_STEPS,
-                "psft_lm_head_chunk_size": chunk if mode == "psft-chunked" else 0,
+                LM_HEAD_CHUNK_KEY: chunk if mode == "psft-chunked" else 0,
             }
             trainer = PSFTTrainer(**kwargs, psft_config=config)
         peak = torch_peak_bytes(trainer.train)

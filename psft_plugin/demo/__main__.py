@@ -20,6 +20,7 @@ from typing import Optional
 from psft_plugin.demo.report import plot, table, verdict
 from psft_plugin.demo.runs import History, Recipe, axolotl_config, launch, mlx_config, mlx_history, torch_history
 from psft_plugin.demo.scoring import batches, chat_rows, mlx_forward, score, text_rows, torch_forward
+from psft_plugin.objectives import LM_HEAD_CHUNK_KEY
 
 RUN_NAMES = {"ce": "SFT", "psft": "PSFT", "dft": "DFT"}
 """The objectives the demo can train (``--objectives``), and their names in the table and plot."""
@@ -107,7 +108,8 @@ def score_models(
     return rows
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
+def build_parser() -> argparse.ArgumentParser:
+    """The demo's command line (``python -m psft_plugin.demo --help``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--backend",
@@ -128,7 +130,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
         type=int,
         default=0,
         metavar="N",
-        help="train both torch runs with `psft_lm_head_chunk_size: N` (no [B, T, V] logits); "
+        help=f"train both torch runs with `{LM_HEAD_CHUNK_KEY}: N` (no [B, T, V] logits); "
         "the table should match the default run's within 1e-4",
     )
     parser.add_argument(
@@ -138,6 +140,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
         help=f"comma-separated runs, from {', '.join(RUN_NAMES)} (default: SFT vs PSFT); "
         "e.g. ce,psft,dft adds Dynamic Fine-Tuning",
     )
+    return parser
+
+
+def parse_arguments(argv: Optional[list[str]]) -> tuple[argparse.Namespace, tuple[str, ...]]:
+    """The parsed arguments and the objectives to train; a bad value exits with the parser's usage error."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         objectives = parse_objectives(args.objectives)
@@ -145,27 +153,39 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
         parser.error(str(error))
     if args.lm_head_chunk_size < 0 or (args.lm_head_chunk_size and args.backend == "mlx"):
         parser.error("--lm-head-chunk-size must be >= 0, and the MLX trainer supports only 0")
-    from psft_plugin.assets import demo_data, smollm2
+    return args, objectives
 
-    recipe = dataclasses.replace(QUICK if args.quick else Recipe(), lm_head_chunk_size=args.lm_head_chunk_size)
-    out = args.out / (
-        (f"{args.backend}-quick" if args.quick else args.backend)
-        + (f"-chunk{args.lm_head_chunk_size}" if args.lm_head_chunk_size else "")
-    )
-    model_dir, data = args.model or smollm2.build(), demo_data.build_datasets()
-    histories = train_runs(args.backend, recipe, model_dir, data, out, objectives)
-    rows = score_models(args.backend, recipe, model_dir, data, out, args.quick, histories, objectives)
-    names = [RUN_NAMES[loss] for loss in objectives]
-    picture = plot(
-        histories,
-        out / ("_vs_".join(names).lower() + ".png"),
-        f"{model_dir.name}, {recipe.steps} steps, K = {recipe.refresh_steps} ({args.backend})",
-    )
+
+def output_dir(args: argparse.Namespace) -> Path:
+    """``--out``/``<backend>[-quick][-chunkN]``: one folder per kind of demo run."""
+    name = f"{args.backend}-quick" if args.quick else args.backend
+    return args.out / (name + (f"-chunk{args.lm_head_chunk_size}" if args.lm_head_chunk_size else ""))
+
+
+def report(
+    rows: dict[str, dict[str, float]], histories: dict[str, History], names: list[str], out: Path, title: str
+) -> None:
+    """Print the scores' table and each run's verdict against SFT; write and name the plot."""
+    picture = plot(histories, out / ("_vs_".join(names).lower() + ".png"), title)
     print(table(rows))
     for name in names:
         if name != "SFT" and "SFT" in rows:
             print(verdict(rows["SFT"], rows[name], name))
     print(f"plot: {picture}")
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
+    """Train, score and compare the runs; returns the table's rows (``{run: {score: value}}``)."""
+    args, objectives = parse_arguments(argv)
+    from psft_plugin.assets import demo_data, smollm2
+
+    recipe = dataclasses.replace(QUICK if args.quick else Recipe(), lm_head_chunk_size=args.lm_head_chunk_size)
+    out = output_dir(args)
+    model_dir, data = args.model or smollm2.build(), demo_data.build_datasets()
+    histories = train_runs(args.backend, recipe, model_dir, data, out, objectives)
+    rows = score_models(args.backend, recipe, model_dir, data, out, args.quick, histories, objectives)
+    title = f"{model_dir.name}, {recipe.steps} steps, K = {recipe.refresh_steps} ({args.backend})"
+    report(rows, histories, [RUN_NAMES[loss] for loss in objectives], out, title)
     return rows
 
 

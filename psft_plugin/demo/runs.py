@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from psft_plugin.objectives import LM_HEAD_CHUNK_KEY
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -44,10 +46,6 @@ class History:
 
     def add(self, name: str, step: int, value: float) -> None:
         self.series.setdefault(name, []).append((int(step), float(value)))
-
-    def last(self, name: str, default: float = float("nan")) -> float:
-        values = self.series.get(name)
-        return values[-1][1] if values else default
 
     def mean(self, name: str) -> float:
         values = [v for _, v in self.series.get(name, [])]
@@ -112,7 +110,7 @@ def axolotl_config(recipe: Recipe, loss: str, model_dir: Path, train: Path, vali
         "fp32": True,
         "bf16": False,
         "seed": 0,
-        **({"psft_lm_head_chunk_size": recipe.lm_head_chunk_size} if recipe.lm_head_chunk_size else {}),
+        **({LM_HEAD_CHUNK_KEY: recipe.lm_head_chunk_size} if recipe.lm_head_chunk_size else {}),
     }
 
 
@@ -122,6 +120,7 @@ def mlx_config(recipe: Recipe, loss: str, model_dir: Path, data_dir: Path, out_d
         "model": str(model_dir),
         "data": str(data_dir),
         "adapter_path": str(out_dir / "adapters"),
+        "train": True,
         "fine_tune_type": "lora",
         "num_layers": min(recipe.trained_layers, model_layers(model_dir)),
         "lora_parameters": {"rank": 16, "scale": 20.0, "dropout": 0.0},

@@ -2,8 +2,12 @@
 
 from psft_plugin.spec.reference import (
     AGGREGATIONS,
+    EPSILON_HIGH,
+    EPSILON_HIGH_MIN,
+    EPSILON_LOW,
+    EPSILON_LOW_RANGE,
+    IGNORE_INDEX,
     LOG_RATIO_CLAMP,
-    METRIC_NAMES,
     aggregate_weights,
     ce_loss,
     check_hyperparameters,
@@ -17,8 +21,12 @@ from psft_plugin.spec.reference import (
 
 __all__ = [
     "AGGREGATIONS",
+    "EPSILON_HIGH",
+    "EPSILON_HIGH_MIN",
+    "EPSILON_LOW",
+    "EPSILON_LOW_RANGE",
+    "IGNORE_INDEX",
     "LOG_RATIO_CLAMP",
-    "METRIC_NAMES",
     "aggregate_weights",
     "ce_loss",
     "check_hyperparameters",

@@ -21,6 +21,7 @@ import numpy as np
 
 from psft_plugin.spec.reference import (
     AGGREGATIONS,
+    IGNORE_INDEX,
     LOG_RATIO_CLAMP,
     dft_loss_and_grad,
     psft_loss_and_grad,
@@ -217,12 +218,12 @@ def logprob_cases(seed: int = SEED) -> Iterator[dict[str, Any]]:
     for name, scale, shape in (("small_logits", 1.0, (2, 5, 11)), ("large_logits", 30.0, (3, 4, 17))):
         logits = _f32(rng.normal(0.0, scale, size=shape))
         targets = rng.integers(0, shape[-1], size=shape[:2])
-        targets[0, :2] = -100
+        targets[0, :2] = IGNORE_INDEX
         yield {
             "name": name,
             "logits": logits.tolist(),
             "targets": targets.tolist(),
-            "ignore_index": -100,
+            "ignore_index": IGNORE_INDEX,
             "logp": token_logprobs(logits, targets).astype(np.float64).tolist(),
         }
 

@@ -13,11 +13,18 @@ from typing import Optional
 import numpy as np
 
 LOG_RATIO_CLAMP = 20.0
+IGNORE_INDEX = -100
+"""Target id of a position that predicts nothing (prompt, padding): transformers' label convention."""
+EPSILON_LOW, EPSILON_HIGH = 0.2, 0.28
+"""Default clip widths: the ratio is clipped to ``[1 - EPSILON_LOW, 1 + EPSILON_HIGH]``."""
+EPSILON_LOW_RANGE = (0.0, 1.0)
+"""``epsilon_low`` lies in ``[0, 1)``, so that the ratio floor ``1 - epsilon_low`` stays positive."""
+EPSILON_HIGH_MIN = 0.0
+"""``epsilon_high`` is at least 0, so that the ratio ceiling ``1 + epsilon_high`` is at least 1."""
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-METRIC_NAMES = ("clipfrac", "ratio_mean", "ratio_min", "ratio_max", "approx_kl", "nll", "tokens")
 
 
-def token_logprobs(logits: np.ndarray, targets: np.ndarray, ignore_index: int = -100) -> np.ndarray:
+def token_logprobs(logits: np.ndarray, targets: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     """Log-probability of each target token.
 
     Args:
@@ -77,10 +84,15 @@ def _check_inputs(logp, old_logp, mask, advantages, epsilon_low, epsilon_high, a
 
 def check_hyperparameters(epsilon_low: float, epsilon_high: float, agg: str, num_tokens) -> None:
     """Raise ``ValueError`` naming the argument when a PSFT hyper-parameter is out of range."""
-    if not 0.0 <= epsilon_low < 1.0:
-        raise ValueError(f"epsilon_low={epsilon_low} must be in [0, 1) (the ratio is clipped at 1 - epsilon_low)")
-    if not epsilon_high >= 0.0:
-        raise ValueError(f"epsilon_high={epsilon_high} must be >= 0 (the ratio is clipped at 1 + epsilon_high)")
+    low, high = EPSILON_LOW_RANGE
+    if not low <= epsilon_low < high:
+        raise ValueError(
+            f"epsilon_low={epsilon_low} must be in [{low:g}, {high:g}) (the ratio is clipped at 1 - epsilon_low)"
+        )
+    if not epsilon_high >= EPSILON_HIGH_MIN:
+        raise ValueError(
+            f"epsilon_high={epsilon_high} must be >= {EPSILON_HIGH_MIN:g} (the ratio is clipped at 1 + epsilon_high)"
+        )
     if agg not in AGGREGATIONS:
         raise ValueError(f"agg={agg!r} is not one of {', '.join(AGGREGATIONS)}")
     if num_tokens is not None and not num_tokens >= 0:
@@ -113,8 +125,8 @@ def psft_loss_and_grad(
     old_logp,
     mask,
     *,
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.28,
+    epsilon_low: float = EPSILON_LOW,
+    epsilon_high: float = EPSILON_HIGH,
     advantages=None,
     agg: str = "token-mean",
     num_tokens: Optional[float] = None,
