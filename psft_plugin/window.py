@@ -8,9 +8,11 @@ trainer and the MLX loop) open their windows here and differ only in how they st
 
 Windows are aligned to the optimizer step counter: after ``warmup`` plain SFT steps a window
 starts at every step ``s`` with ``(s - warmup) % K == 0`` (steps counted from 0). That makes a
-resume from a checkpoint taken at a window boundary reproduce the uninterrupted run; a resume
-in the middle of a window (or, in torch, a new epoch that starts mid-window) opens a shortened
-window that ends at the next boundary, whose old policy is the weights at that point.
+resume from a checkpoint taken at a window boundary reproduce the uninterrupted run. A resume in
+the middle of a window opens a shortened window that ends at the next boundary: the host either
+restores the old log-probs it saved with the checkpoint for those steps (``restore``, the torch
+trainer does), which reproduces the uninterrupted run, or stamps them with the weights at that
+point (as at a new epoch that starts mid-window).
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ def window_length(step: int, max_steps: int, refresh_steps: int, warmup_steps: i
     if max_steps > 0:
         length = min(length, max(max_steps - step, 1))
     return length
+
+
+def starts_window(step: int, refresh_steps: int, warmup_steps: int) -> bool:
+    """True when optimizer ``step`` (from 0) is the first of its window: no earlier step shares its old policy."""
+    return step < warmup_steps or (step - warmup_steps) % refresh_steps == 0
 
 
 def group_kinds(step: int, count: int, warmup_steps: int) -> list[str]:
@@ -96,6 +103,7 @@ def open_window(
     group_size: int,
     stamp: Callable[[list[Any]], None],
     whole_groups_only: bool = False,
+    restore: Optional[Callable[[list[list[Any]]], bool]] = None,
 ) -> Window:
     """Read the window that starts at optimizer ``step`` (from 0) and stamp all but its first group.
 
@@ -103,6 +111,9 @@ def open_window(
     current weights; it is not called when there is nothing to stamp (warm-up, ``K = 1``).
     ``whole_groups_only`` drops a short last group before stamping (the MLX loop, like
     ``mlx_lm``, never trains a partial step); the window may then hold no group at all.
+    ``restore(groups)``, given on the first window after a resume from inside a window, sets the
+    old log-probs of *every* group from the checkpoint and returns True (all groups then train as
+    stamped, nothing is stamped); False leaves the groups untouched and they are stamped as usual.
     """
     length = window_length(step, max_steps, refresh_steps, warmup_steps)
     groups = take_groups(source, first_size, group_size, length)
@@ -110,6 +121,8 @@ def open_window(
         groups = [
             group for index, group in enumerate(groups) if len(group) == (first_size if index == 0 else group_size)
         ]
+    if restore is not None and restore(groups):
+        return Window(source, deque((group, STAMPED) for group in groups))
     later = [batch for group in groups[1:] for batch in group]
     if later:
         stamp(later)

@@ -2,7 +2,16 @@
 
 import pytest
 
-from psft_plugin.window import FIRST, SFT, STAMPED, group_kinds, open_window, take_groups, window_length
+from psft_plugin.window import (
+    FIRST,
+    SFT,
+    STAMPED,
+    group_kinds,
+    open_window,
+    starts_window,
+    take_groups,
+    window_length,
+)
 
 
 @pytest.mark.parametrize("step, expected", [(0, 4), (1, 3), (3, 1), (4, 4), (9, 1)])
@@ -46,6 +55,20 @@ def test_a_resume_mid_window_opens_a_shortened_window_up_to_the_next_boundary():
     window = _open(iter(range(100)), 4, stamped)  # K = 3: boundaries 0, 3, 6
     assert [kind for _, kind in window.groups] == [FIRST, STAMPED]
     assert stamped == [[2, 3]]
+
+
+def test_a_restored_window_is_stamped_from_the_checkpoint_or_else_as_usual():
+    """`restore` gets the groups up to the next boundary: True trains them all as stamped, False stamps anew."""
+    stamped, seen = [], []
+    window = _open(iter(range(100)), 4, stamped, restore=lambda groups: seen.append(groups) or True)
+    assert seen == [[[0, 1], [2, 3]]] and stamped == []
+    assert list(window.groups) == [([0, 1], STAMPED), ([2, 3], STAMPED)]
+    refused = _open(iter(range(100)), 4, stamped, restore=lambda groups: False)
+    assert [kind for _, kind in refused.groups] == [FIRST, STAMPED] and stamped == [[2, 3]]
+
+
+def test_window_starts():
+    assert [step for step in range(8) if starts_window(step, refresh_steps=3, warmup_steps=2)] == [0, 1, 2, 5]
 
 
 def test_warmup_and_k1_windows_stamp_nothing():

@@ -19,6 +19,10 @@ How it hooks into the host (transformers 5):
   accumulation steps and multiplies by the number of processes, which DDP's gradient mean
   undoes. ``args.average_tokens_across_devices`` is forced on so the count is global.
 - Evaluation uses plain token-mean NLL, so ``eval_loss`` stays cross-entropy.
+- Checkpoints carry the window: with every checkpoint each rank writes the old log-probs of its
+  micro-batches not trained yet (:mod:`psft_torch.resume`), and ``train(resume_from_checkpoint=...)``
+  puts them back on the same micro-batches, so a resume from inside a window is exact; a
+  checkpoint without them (or whose micro-batches differ) is restamped with a warning.
 - Where the per-token log-probs come from is one :class:`LogprobPath`, chosen once in
   :meth:`PSFTTrainerMixin.configure_psft` from ``psft_lm_head_chunk_size``: the model's full
   ``[B, T, V]`` logits (0), or the LM head applied N response tokens at a time inside the model's
@@ -30,29 +34,33 @@ How it hooks into the host (transformers 5):
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from typing_extensions import override
 
 from psft_plugin import get_objective
 from psft_plugin.config import LOSS_OPTION, Settings, resolve
 from psft_plugin.metrics import ENTROPY, MEAN, MIN, OBJECTIVE, SUM, TOKENS, combine_steps, prefixed, reduction
 from psft_plugin.objectives import LM_HEAD_CHUNK_KEY
-from psft_plugin.window import SFT, STAMPED, Window, open_window
+from psft_plugin.spec import IGNORE_INDEX
+from psft_plugin.window import SFT, STAMPED, Window, open_window, starts_window, window_length
+from psft_torch import resume
 from psft_torch.lm_head import ENTROPY_KEY, LOGP_KEY, install_chunked_head, remove_chunked_head
-from psft_torch.loss import token_entropy, token_logprobs
+from psft_torch.loss import token_logprobs_and_entropy
 
+LOG = logging.getLogger(__name__)
 OLD_LOGP_KEY = "psft_old_logp"
-IGNORE_INDEX = -100
 FUSED_LOSS_HINT = (
     "PSFT needs the model's logits to compute per-token log-probabilities. Turn off fused "
     "loss kernels that skip them (Axolotl: `cut_cross_entropy`, `liger_fused_linear_cross_entropy`); "
-    "`psft_lm_head_chunk_size: 1024` saves the same memory (no [B, T, V] logits)."
+    f"`{LM_HEAD_CHUNK_KEY}: 1024` saves the same memory (no [B, T, V] logits)."
 )
 
 
@@ -105,26 +113,6 @@ def model_logits(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-ENTROPY_CHUNK_ELEMENTS = 2**24  # 64 MiB of float32 per temporary
-
-
-@torch.no_grad()
-def masked_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``[B, T]`` float32 predictive entropy (nats) at masked positions, 0 elsewhere, a few rows at a time.
-
-    Chunking bounds the float32 temporaries to ~``ENTROPY_CHUNK_ELEMENTS`` instead of
-    ``B x T x V`` (which is gigabytes for a 150k vocabulary).
-    """
-    chunk = max(1, ENTROPY_CHUNK_ELEMENTS // logits.shape[-1])
-    flat, keep = logits.detach().reshape(-1, logits.shape[-1]), mask.reshape(-1)
-    out = torch.zeros(keep.shape, dtype=torch.float32, device=logits.device)
-    for start in range(0, flat.shape[0], chunk):
-        rows = keep[start : start + chunk]
-        if rows.any():
-            out[start : start + chunk][rows] = token_entropy(flat[start : start + chunk][rows].unsqueeze(0))[0]
-    return out.reshape(mask.shape)
-
-
 LogprobsFn = Callable[[Any, torch.Tensor, bool], tuple[torch.Tensor, Optional[torch.Tensor]]]
 """``(model outputs, [B, T] targets, entropy?) -> ([B, T] float32 log-probs, [B, T] entropy or None)``."""
 
@@ -145,9 +133,8 @@ class LogprobPath:
 def full_logits_logprobs(
     outputs: Any, targets: torch.Tensor, entropy: bool
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """From the model's ``[B, T, V]`` logits (``psft_lm_head_chunk_size: 0``)."""
-    logits = model_logits(outputs, targets)
-    return token_logprobs(logits, targets), masked_entropy(logits, targets != IGNORE_INDEX) if entropy else None
+    """From the model's ``[B, T, V]`` logits (``psft_lm_head_chunk_size: 0``), the entropy in the same pass."""
+    return token_logprobs_and_entropy(model_logits(outputs, targets), targets, entropy=entropy)
 
 
 def chunked_head_logprobs(
@@ -288,6 +275,7 @@ class PSFTTrainerMixin:
         self._psft_stamping = False
         self._psft_stamped: Optional[torch.Tensor] = None
         self._psft_records: list[dict[str, float]] = []
+        self._psft_resume: Optional[str] = None  # the checkpoint train() resumes from, until its window opens
         if psft_config is not None:
             self.configure_psft(psft_config)
 
@@ -300,6 +288,8 @@ class PSFTTrainerMixin:
         # The step's response-token count must span all ranks (spec section 3); transformers
         # then multiplies each micro-batch loss by the process count, which DDP's mean undoes.
         self.args.average_tokens_across_devices = True
+        if not any(isinstance(callback, _SaveWindow) for callback in self.callback_handler.callbacks):
+            self.add_callback(_SaveWindow(self))
         self._psft = settings
         return settings
 
@@ -319,6 +309,11 @@ class PSFTTrainerMixin:
             )
         problems += _data_parallel_problems(self.accelerator.num_processes)
         return problems
+
+    @property
+    def psft_stamping(self) -> bool:
+        """True while the old-policy pass runs: its forwards are no training step, hosts log nothing for them."""
+        return self._psft_stamping
 
     @property
     def psft_logprob_path(self) -> LogprobPath:
@@ -348,7 +343,60 @@ class PSFTTrainerMixin:
             first_size=num_batches,
             group_size=self.args.gradient_accumulation_steps,
             stamp=self._psft_stamp,
+            restore=self._psft_restorer(),
         )
+
+    # ----- the window in checkpoints (psft_torch.resume) --------------------------------------
+    @override
+    def train(self, resume_from_checkpoint: Optional[str | bool] = None, *args: Any, **kwargs: Any):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)  # None: the host raises
+        self._psft_resume = resume_from_checkpoint or None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _psft_save_window(self, checkpoint: str) -> None:
+        """Write this rank's untrained stamped micro-batches into ``checkpoint`` (objectives with an old policy)."""
+        if self._psft is not None and self._psft.objective.uses_old_policy:
+            saved = resume.remaining(self._psft_window, OLD_LOGP_KEY, self.state.global_step, self.args.world_size)
+            resume.save(saved, checkpoint, self.args.process_index)
+
+    def _psft_restorer(self) -> Optional[Callable[[list[list[dict]]], bool]]:
+        """The ``restore`` of the first window after a resume from inside a window, else ``None``.
+
+        Every rank decides together (one ``MIN`` collective): a sharded forward needs all ranks,
+        so either all restore their saved share or all stamp.
+        """
+        checkpoint, self._psft_resume = self._psft_resume, None
+        step, settings = self.state.global_step, self._psft
+        if checkpoint is None or starts_window(step, settings.refresh_steps, settings.warmup_steps):
+            return None
+        rank, world = self.args.process_index, self.args.world_size
+        end = step + window_length(step, self.state.max_steps, settings.refresh_steps, settings.warmup_steps) - 1
+
+        def restore(groups: list[list[dict]]) -> bool:
+            saved = resume.load(checkpoint, rank)
+            problem = (
+                f"{resume.window_file(checkpoint, rank)} is missing (an older psft-plugin or another trainer "
+                f"saved the checkpoint)"
+                if saved is None
+                else resume.mismatch(saved, groups, step, world)
+            )
+            agreed = torch.tensor(int(problem is None), device=self.args.device)
+            if _all_reduce(agreed, "MIN").item() == 1:
+                resume.attach(saved, groups, OLD_LOGP_KEY)
+                return True
+            LOG.warning(
+                "psft-plugin: %s was saved inside an old-policy window but its window cannot be restored: %s. "
+                "Steps %d-%d are trained against old log-probs stamped now with the checkpoint's weights instead "
+                "of those of the window's start, so the run differs from an uninterrupted one.",
+                checkpoint,
+                problem or "another rank's saved window does not match",
+                step,
+                end,
+            )
+            return False
+
+        return restore
 
     @torch.no_grad()
     def _psft_stamp(self, batches: list[dict]) -> None:
@@ -445,6 +493,16 @@ class PSFTTrainerMixin:
             logs.update(combine_steps(self._psft_records))
             self._psft_records = []
         return super().log(logs, *args, **kwargs)
+
+
+class _SaveWindow(TrainerCallback):
+    """Saves the trainer's window with every checkpoint, on every rank (``on_save`` runs on all of them)."""
+
+    def __init__(self, trainer: PSFTTrainerMixin):
+        self.trainer = trainer
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._psft_save_window(f"{args.output_dir}/{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
 
 class PSFTTrainer(PSFTTrainerMixin, Trainer):

@@ -10,6 +10,8 @@ import pytest
 import yaml
 from axolotl_runs import config
 
+from psft_plugin.integrations.axolotl.args import CONFLICTS
+
 PLUGIN = "psft_plugin.integrations.axolotl.PSFTPlugin"
 
 
@@ -109,6 +111,8 @@ def test_a_config_without_our_keys_validates_as_without_the_plugin(load):
         ({"orpo_alpha": 0.1}, "orpo_alpha"),
         ({"cut_cross_entropy": True}, "cut_cross_entropy"),
         ({"liger_fused_linear_cross_entropy": True}, "liger_fused_linear_cross_entropy"),
+        ({"use_dft": True}, "use_dft"),
+        ({"chunked_cross_entropy": True}, "chunked_cross_entropy"),
         ({"context_parallel_size": 2}, "context_parallel_size"),
         ({"tensor_parallel_size": 2}, "tensor_parallel_size"),
     ],
@@ -117,6 +121,73 @@ def test_modes_psft_cannot_run_in_are_rejected(load, overrides, key):
     with pytest.raises(Exception) as excinfo:
         load(**overrides)
     assert f"`loss: psft` cannot run with `{key}`" in _message(excinfo)
+
+
+@pytest.mark.parametrize("key", [key for conflict in CONFLICTS for key in conflict.keys])
+def test_every_setting_with_its_own_loss_or_trainer_is_refused_with_its_key_and_fix(key):
+    """Each declared conflict, for every non-CE objective (checked before Axolotl loads the model)."""
+    from psft_plugin.integrations.axolotl.args import config_problems
+
+    conflict = next(conflict for conflict in CONFLICTS if key in conflict.keys)
+    for loss in ("psft", "dft"):
+        problems = config_problems({"loss": loss, key: 2 if conflict.degree else True}, host_keys={key})
+        assert problems == [f"`loss: {loss}` cannot run with `{key}`: {conflict.why}; {conflict.fix.format(key=key)}"]
+    assert config_problems({"loss": "psft", key: 1 if conflict.degree else False}, host_keys={key}) == []
+
+
+def test_axolotl_dft_beside_loss_names_the_key_and_the_plugin_objective(load):
+    with pytest.raises(Exception) as excinfo:
+        load(use_dft=True, **{**NOT_OURS, "loss": "dft"})
+    assert "`loss: dft` cannot run with `use_dft`: Axolotl's DFT installs its own loss function; " in _message(excinfo)
+    assert "remove `use_dft`; `loss: dft` trains the same objective" in _message(excinfo)
+
+
+@pytest.mark.parametrize(
+    "key", ["chunked_cross_entropy", pytest.param("use_dft", marks=pytest.mark.axolotl_line("0.21"))]
+)
+def test_plain_ce_with_a_setting_that_brings_its_own_loss_keeps_axolotls_trainer(load, key):
+    """`loss: ce` (the plugin's default) steps aside: Axolotl's chunked CE or DFT (0.21) trains as without the plugin."""
+    from psft_plugin.integrations.axolotl import PSFTPlugin
+
+    assert PSFTPlugin().get_trainer_cls(load(**{**NOT_OURS, "loss": "ce", key: True})) is None
+
+
+def test_docs_conflicts_table_matches_the_declarations():
+    from psft_plugin.integrations.axolotl.args import conflicts_table
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "axolotl.md").read_text()
+    table = text.split("<!-- conflicts-table -->\n", 1)[1].split("\n<!-- /conflicts-table -->", 1)[0]
+    assert table == conflicts_table()
+
+
+def test_objective_names_are_suggested_whatever_their_case(load):
+    with pytest.raises(Exception) as excinfo:
+        load(loss="PSFT")
+    assert "unknown objective `loss: PSFT` (did you mean `psft`?)" in _message(excinfo)
+
+
+def test_the_start_up_line_names_the_window_only_for_an_objective_with_an_old_policy():
+    from psft_plugin.config import resolve
+
+    psft = resolve({"loss": "psft", "psft_refresh_steps": 4, "psft_warmup_steps": 2}).summary()
+    assert psft.startswith("loss=psft (psft_epsilon_low=0.2, psft_epsilon_high=0.28")
+    assert psft.endswith(", refresh every 4 optimizer steps after 2 warm-up steps")
+    for name in ("ce", "dft"):
+        summary = resolve({"loss": name}).summary()
+        assert summary.startswith(f"loss={name}") and "refresh" not in summary and "warm-up" not in summary
+
+
+def test_building_the_args_model_waits_for_axolotl_to_ask():
+    """Importing the plugin's args module loads no objective entry point; Axolotl's import of `PSFTArgs` does."""
+    import importlib
+
+    from psft_plugin import registry
+    from psft_plugin.integrations.axolotl import args
+
+    registry.default_registry.cache_clear()
+    importlib.reload(args)  # runs the module's body again, as a fresh import would
+    assert registry.default_registry.cache_info().currsize == 0
+    assert "loss" in args.PSFTArgs.model_fields and registry.default_registry.cache_info().currsize == 1
 
 
 def test_trainer_choice(load):

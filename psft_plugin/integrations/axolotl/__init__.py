@@ -97,12 +97,4 @@ class PSFTPlugin(BasePlugin):
                 )
             return
         settings = trainer.configure_psft(trainer_config(cfg))
-        LOG.info(
-            "psft-plugin: training loss=%s (%s), refresh every %d optimizer steps after %d warm-up steps, "
-            "log-probs: %s",
-            settings.objective.name,
-            dict(settings.resolved),
-            settings.refresh_steps,
-            settings.warmup_steps,
-            trainer.psft_logprob_path.name,
-        )
+        LOG.info("psft-plugin: training %s; log-probs: %s", settings.summary(), trainer.psft_logprob_path.name)

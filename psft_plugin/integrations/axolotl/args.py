@@ -13,11 +13,14 @@ the chunked LM head with a setting that replaces the trainer or the head).
 Axolotl 0.21 loads the plugin for *every* config (entry-point group ``axolotl.plugins``), so
 every field defaults to ``None`` (the trainer fills the declared defaults): a config that sets
 none of our keys validates to exactly what it would without the plugin, and
-:func:`claims` tells the plugin's hooks to stay out of its way.
+:func:`claims` tells the plugin's hooks to stay out of its way. ``PSFTArgs`` is built when Axolotl
+first imports it (module ``__getattr__``), not when this module is imported.
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Any, Collection, Literal, Optional
 
 from pydantic import BaseModel, Field, create_model, model_validator
@@ -29,36 +32,80 @@ from psft_plugin.registry import default_registry
 
 DEFAULT_LOSS = LOSS_OPTION.default
 
-# Axolotl settings whose own loss or trainer cannot host PSFT: key -> the fix.
-UNSUPPORTED = {
-    "rl": "PSFT is a supervised objective; remove `rl:` (preference/RL trainers are not supported)",
-    "reward_model": "reward-model training has its own loss; remove `reward_model`",
-    "process_reward_model": "reward-model training has its own loss; remove `process_reward_model`",
-    "orpo_alpha": "ORPO has its own loss; remove `orpo_alpha`",
-    "use_eaft": "EAFT installs its own loss function; remove `use_eaft`",
-    "kd_trainer": "knowledge distillation has its own trainer; remove `kd_trainer`",
-    "trainer_cls": "the plugin supplies the trainer; remove `trainer_cls`",
-    "cut_cross_entropy": "cut-cross-entropy returns no logits; set `cut_cross_entropy: false` and get the memory "
-    "back with `psft_lm_head_chunk_size: 1024` (no [B, T, V] logits either)",
-    "liger_fused_linear_cross_entropy": "Liger's fused linear CE returns no logits; set "
-    "`liger_fused_linear_cross_entropy: false` (other Liger kernels are fine) "
-    "and get the memory back with `psft_lm_head_chunk_size: 1024`",
-    "label_smoothing_factor": "label smoothing is not part of the objective; remove `label_smoothing_factor`",
-}
+
+@dataclass(frozen=True)
+class Conflict:
+    """Axolotl settings that the plugin's trainer cannot host: they bring their own loss or trainer.
+
+    ``keys`` count as set when truthy (``degree``: when above 1). ``why`` is the reason and ``fix``
+    the remedy (``{key}``: the key found), in the error and in the docs' table (:func:`conflicts_table`).
+    """
+
+    keys: tuple[str, ...]
+    why: str
+    fix: str
+    degree: bool = False
+
+    def found(self, config: Any) -> list[str]:
+        """The keys of this conflict that ``config`` sets."""
+        if self.degree:
+            return [key for key in self.keys if (config.get(key) or 1) > 1]
+        return [key for key in self.keys if config.get(key) not in (None, False, 0, "", "none")]
 
 
-# Parallelism that splits a sequence or a layer across ranks: the old-policy pass and the
-# per-token loss are not wired into it (and it is untested); data parallel, FSDP2 and ZeRO are.
-PARALLEL_DEGREES = ("context_parallel_size", "sequence_parallel_degree", "tensor_parallel_size", "expert_parallel_size")
+_CHUNKED_HEAD = f"get the memory back with `{LM_HEAD_CHUNK_KEY}: 1024` (no [B, T, V] logits either)"
+CONFLICTS = (
+    Conflict(
+        ("rl",), "preference and RL training (DPO, ORPO, KTO, GRPO, ...) has its own trainer and loss", "remove `rl:`"
+    ),
+    Conflict(("reward_model", "process_reward_model"), "reward-model training has its own loss", "remove `{key}`"),
+    Conflict(("orpo_alpha",), "ORPO adds its own odds-ratio loss", "remove `orpo_alpha`"),
+    Conflict(("kd_trainer",), "knowledge distillation has its own trainer and loss", "remove `kd_trainer`"),
+    Conflict(("diffusion_lm", "diffusion"), "diffusion LM training has its own trainer and loss", "remove `{key}`"),
+    Conflict(("trainer_cls",), "it replaces the plugin's trainer", "remove `trainer_cls`"),
+    Conflict(
+        ("use_dft",),
+        "Axolotl's DFT installs its own loss function",
+        "remove `use_dft`; `loss: dft` trains the same objective through the plugin",
+    ),
+    Conflict(("use_eaft",), "EAFT installs its own loss function", "remove `use_eaft`"),
+    Conflict(
+        ("label_smoothing_factor",), "label smoothing is not part of the objective", "remove `label_smoothing_factor`"
+    ),
+    Conflict(
+        ("chunked_cross_entropy",),
+        "it replaces the model's cross-entropy, which the plugin does not use (it computes per-token log-probs)",
+        f"remove `chunked_cross_entropy` and {_CHUNKED_HEAD}",
+    ),
+    Conflict(
+        ("cut_cross_entropy", "liger_fused_linear_cross_entropy"),
+        "these kernels return no logits (other Liger kernels are fine)",
+        f"set `{{key}}: false` and {_CHUNKED_HEAD}",
+    ),
+    Conflict(
+        ("context_parallel_size", "sequence_parallel_degree", "tensor_parallel_size", "expert_parallel_size"),
+        "above 1 they split a sequence or a layer across ranks, where the old-policy pass is not wired in "
+        "(data parallel, FSDP2 and ZeRO are)",
+        "set `{key}: 1`",
+        degree=True,
+    ),
+)
+"""Every Axolotl setting a non-CE objective refuses; under ``loss: ce`` they keep Axolotl's own trainer."""
 
 
-def unsupported_settings(config: dict) -> list[str]:
-    """Keys of ``config`` set to something PSFT cannot train with (a degree in :data:`PARALLEL_DEGREES` > 1 too)."""
-    found = [key for key in UNSUPPORTED if config.get(key) not in (None, False, 0, "", "none")]
-    for key in PARALLEL_DEGREES:
-        if (config.get(key) or 1) > 1:
-            found.append(key)
-    return found
+def unsupported_settings(config: Any) -> list[str]:
+    """The keys of ``config`` that set one of the :data:`CONFLICTS`."""
+    return [key for conflict in CONFLICTS for key in conflict.found(config)]
+
+
+def conflicts_table() -> str:
+    """docs/axolotl.md's table of the settings refused with a non-CE objective, from :data:`CONFLICTS`."""
+    rows = ["| setting | why | fix |", "|---|---|---|"]
+    for conflict in CONFLICTS:
+        keys = ", ".join(f"`{key}`" + (" > 1" if conflict.degree else "") for key in conflict.keys)
+        fix = conflict.fix.format(key=conflict.keys[0] if len(conflict.keys) == 1 else "<key>")
+        rows.append(f"| {keys} | {conflict.why} | {fix} |")
+    return "\n".join(rows)
 
 
 def claims(config: Any) -> bool:
@@ -90,14 +137,15 @@ def _field(option: Option) -> tuple[Any, Any]:
 def axolotl_problems(config: dict) -> list[str]:
     """The Axolotl settings of ``config`` that the plugin's trainer cannot host with its objective.
 
-    Any objective but plain CE needs the plugin's trainer (:data:`UNSUPPORTED`, parallel degrees);
-    the chunked LM head needs it too.
+    Any objective but plain CE needs the plugin's trainer (:data:`CONFLICTS`); the chunked LM head
+    needs it too.
     """
     problems = []
     if (config.get("loss") or DEFAULT_LOSS) != DEFAULT_LOSS:
         problems += [
-            f"`loss: {config.get('loss')}` cannot run with `{key}`: {UNSUPPORTED.get(key, f'set `{key}: 1`')}"
-            for key in unsupported_settings(config)
+            f"`loss: {config.get('loss')}` cannot run with `{key}`: {conflict.why}; {conflict.fix.format(key=key)}"
+            for conflict in CONFLICTS
+            for key in conflict.found(config)
         ]
     chunk = config.get(LM_HEAD_CHUNK_KEY)
     if isinstance(chunk, int) and chunk > 0:
@@ -171,6 +219,25 @@ def build_args_model() -> type[BaseModel]:
     return create_model("PSFTArgs", __base__=PSFTArgsBase, __module__=__name__, **fields)
 
 
-PSFTArgs = build_args_model()
+def __getattr__(name: str) -> Any:
+    """``PSFTArgs`` is built on first use, when Axolotl imports it for a config, not when this module
+    is imported: building it loads the objective registry, and with it every installed entry point."""
+    if name == "PSFTArgs":
+        return _args_model()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["PSFTArgs", "axolotl_problems", "claims", "config_problems", "unsupported_settings"]
+
+@functools.cache
+def _args_model() -> type[BaseModel]:
+    return build_args_model()
+
+
+__all__ = [  # noqa: F822 (PSFTArgs comes from the module's __getattr__)
+    "CONFLICTS",
+    "PSFTArgs",
+    "axolotl_problems",
+    "claims",
+    "config_problems",
+    "conflicts_table",
+    "unsupported_settings",
+]
