@@ -1,15 +1,16 @@
 """The MLX training loop: refresh, step and report phases (docs/objective.md sections 2 and 3).
 
-:func:`train` takes a model, an optimizer, an iterator of :class:`~psft_mlx.data.MicroBatch`,
-an objective from the registry and its resolved options; it returns one record per optimizer
-step. It knows nothing about files or YAML: evaluation, saving and reporting are passed in,
+:func:`train` takes a model, an optimizer, an iterator of :class:`~psft_mlx.data.MicroBatch`
+and the run's :class:`~psft_plugin.config.Settings` (the objective, its resolved options, the
+window K and the warm-up, as the core resolver validated them); it returns one record per
+optimizer step. It knows nothing about files or YAML: evaluation, saving and reporting are passed in,
 like mlx-lm's ``train``, so the parity suite can drive it with its own model and data order.
 
 Schedule: as in mlx-lm, ``iters``, ``steps_per_report``, ``steps_per_eval`` and ``save_every``
 count iterations (micro-batches); the optimizer updates every ``grad_accumulation_steps``
 iterations, so ``iters // GA`` optimizer steps are taken.
 
-Old policy: every ``psft_refresh_steps`` = K optimizer steps the loop takes the next K × GA
+Old policy: every K = ``settings.refresh_steps`` optimizer steps the loop takes the next K × GA
 micro-batches, stamps each with its log-probs under the current weights (eval mode, no
 gradient, no model copy), then runs K optimizer steps on them in order. The first GA
 micro-batches of a window are not stamped: r = 1 there, so the training forward's own
@@ -29,9 +30,10 @@ a report (a softmax over the vocabulary is ~5% of a small model's step).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Protocol, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -39,6 +41,7 @@ from mlx.utils import tree_map
 
 from psft_mlx.data import MicroBatch
 from psft_mlx.loss import token_entropy, token_logprobs
+from psft_plugin.config import Settings
 from psft_plugin.metrics import ENTROPY, TOKENS, combine, prefixed
 from psft_plugin.objective import Objective
 from psft_plugin.window import FIRST, SFT, Window, open_window
@@ -53,7 +56,8 @@ class LoopArgs:
     """Schedule of the loop, in iterations (micro-batches) as mlx-lm counts them.
 
     ``start_iteration``: iterations already trained (a resumed run); the step counter, the
-    reports and the checkpoint numbers continue from there, up to ``iters`` in all.
+    reports and the checkpoint numbers continue from there, up to iteration ``iters``.
+    ``start_tokens``: response tokens those iterations trained; ``trained_tokens`` continues from it.
     """
 
     iters: int
@@ -64,6 +68,7 @@ class LoopArgs:
     clear_cache_threshold: int = 0
     compile: bool = True
     start_iteration: int = 0
+    start_tokens: float = 0.0
 
 
 class Callback(Protocol):
@@ -190,17 +195,18 @@ class Reporter:
     means: the same when the micro-batches hold the same number of tokens.
     """
 
-    def __init__(self, optimizer, callback: Optional[Callback]):
+    def __init__(self, optimizer, callback: Optional[Callback], trained_tokens: float = 0.0):
         self.optimizer, self.callback = optimizer, callback
         self.pending: list[dict[str, float]] = []
         self.train_time, self.iterations = 0.0, 0
-        self.trained_tokens = 0.0
+        self.trained_tokens = trained_tokens
 
     def add(self, part: dict[str, float], seconds: float) -> None:
         """One iteration's values (see :func:`step_parts`) and the seconds it took."""
         self.pending.append(part)
         self.iterations += 1
         self.train_time += seconds
+        self.trained_tokens += part.get(TOKENS, 0.0)
 
     def report(self, iteration: int) -> Optional[dict[str, float]]:
         """Aggregate the pending iterations into one report and pass it to the callback.
@@ -210,7 +216,6 @@ class Reporter:
         """
         metrics = combine_metrics(self.pending)
         seconds, iterations = max(self.train_time, 1e-9), self.iterations
-        self.trained_tokens += metrics[TOKENS]
         denominator = sum(p["denominator"] for p in self.pending)
         info = None
         if denominator > 0:
@@ -235,17 +240,25 @@ def resolve_loss(objective: Objective, options: Mapping[str, Any]) -> tuple[Call
     return objective.loss_fn("mlx"), objective.loss_kwargs(options)
 
 
-def _run_eval(
-    evaluate: Optional[Callable[[nn.Module], float]], model: nn.Module, iteration: int, callback: Optional[Callback]
-) -> None:
+Evaluate = Callable[[nn.Module], tuple[float, int]]
+"""``evaluate(model) -> (nll, tokens)``: validation NLL (nats per response token; nan without any) and its token count."""
+
+
+def _run_eval(evaluate: Optional[Evaluate], model: nn.Module, iteration: int, callback: Optional[Callback]) -> None:
+    """Validate and report ``val_loss``, ``val_time`` (s) and ``val_tokens`` (0: ``val_loss`` is nan)."""
     if evaluate is None:
         return
     tic = time.perf_counter()
-    val_loss = evaluate(model)
+    val_loss, val_tokens = evaluate(model)
     model.train()
     if callback is not None:
         callback.on_val_loss_report(
-            {"iteration": iteration, "val_loss": val_loss, "val_time": time.perf_counter() - tic}
+            {
+                "iteration": iteration,
+                "val_loss": val_loss,
+                "val_time": time.perf_counter() - tic,
+                "val_tokens": val_tokens,
+            }
         )
 
 
@@ -275,82 +288,118 @@ class StepFns:
         ]
 
 
+@dataclass
+class Phases:
+    """What one run's step phase needs: the step functions of each window group kind and the schedule."""
+
+    main: StepFns
+    warm: Optional[StepFns]
+    settings: Settings
+    args: LoopArgs
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        settings: Settings,
+        args: LoopArgs,
+        logprobs_fn: LogprobsFn,
+        warmup_objective: Optional[Objective],
+    ) -> "Phases":
+        """Compile the objective's step (and the warm-up objective's, for ``settings.warmup_steps`` > 0)."""
+        if settings.warmup_steps and warmup_objective is None:
+            raise ValueError("settings.warmup_steps > 0 needs warmup_objective (plain SFT: the `ce` objective)")
+        main = StepFns.build(model, settings.objective, settings.resolved, logprobs_fn, args.compile)
+        warm = (
+            StepFns.build(model, warmup_objective, settings.resolved, logprobs_fn, args.compile)
+            if settings.warmup_steps
+            else None
+        )
+        return cls(main, warm, settings, args)
+
+    def window(
+        self, window: Optional[Window], batches: Iterator[MicroBatch], step: int, stamp: Callable
+    ) -> Optional[Window]:
+        """Refresh phase: the window serving optimizer step ``step`` (a new one, stamped, when needed); None at the end."""
+        if window is not None and window.serves(batches):
+            return window
+        ga = self.args.grad_accumulation_steps
+        window = open_window(  # the window schedule counts steps from 0
+            batches,
+            step - 1,
+            max_steps=self.args.iters // ga,
+            refresh_steps=self.settings.refresh_steps,
+            warmup_steps=self.settings.warmup_steps,
+            first_size=ga,
+            group_size=ga,
+            whole_groups_only=True,
+            stamp=stamp,
+        )
+        return window if window.groups else None
+
+    def step(self, model: nn.Module, optimizer, window: Window, step: int) -> tuple[dict[str, float], list[dict]]:
+        """Step phase: optimizer step ``step`` on the window's next group; its record and its micro-batch parts."""
+        group, kind = window.pop()
+        fns = self.warm if kind == SFT else self.main
+        ga = self.args.grad_accumulation_steps
+        learning_rate = optimizer.learning_rate.item()
+        first = (step - 1) * ga + 1
+        parts = step_parts(model, optimizer, fns.for_iterations(first, ga, self.args), group, self.settings.loss_agg)
+        record = {
+            "step": step,
+            "iteration": step * ga,
+            "refresh": float(self.settings.objective.uses_old_policy and kind == FIRST),
+            "learning_rate": learning_rate,
+            "loss": sum(p["loss"] for p in parts),
+            **combine_metrics(parts),
+        }
+        return record, parts
+
+
 def train(
     model: nn.Module,
     optimizer,
     batches: Iterable[MicroBatch],
-    objective: Objective,
-    options: Mapping[str, Any],
+    settings: Settings,
     args: LoopArgs,
     *,
     callback: Optional[Callback] = None,
-    evaluate: Optional[Callable[[nn.Module], float]] = None,
-    save: Optional[Callable[[int], None]] = None,
+    evaluate: Optional[Evaluate] = None,
+    save: Optional[Callable[[int, float], None]] = None,
     logprobs_fn: LogprobsFn = model_logprobs,
     warmup_objective: Optional[Objective] = None,
     progress: Optional[Callable[[int], None]] = None,
 ) -> list[dict[str, float]]:
     """Train from ``args.start_iteration`` to ``args.iters`` iterations: one optimizer step per GA.
 
-    ``options`` are the objective's resolved ``psft_*`` values (``objective.resolve(...)``).
-    ``warmup_objective`` (plain SFT, ``ce``) trains the first ``psft_warmup_steps`` optimizer
-    steps. ``save(iteration)`` and ``progress(iterations_done)`` are called on their schedules.
-    Returns one record per optimizer step: ``step``, ``iteration`` (its last), ``loss``,
-    ``tokens``, ``refresh`` (1 if the old policy was refreshed for it), ``learning_rate`` and
-    the objective's metrics. Stops early if ``batches`` runs out.
+    ``settings`` (:func:`psft_plugin.config.resolve`) names the objective, its resolved options,
+    the refresh window K and the warm-up. ``warmup_objective`` (plain SFT, ``ce``) trains the
+    first ``settings.warmup_steps`` optimizer steps. ``save(iteration, trained_tokens)`` is
+    called every ``save_every`` iterations, ``progress(n)`` each time ``n`` more iterations are
+    done. Returns one record per optimizer step: ``step``, ``iteration`` (its last), ``loss``,
+    ``tokens``, ``refresh`` (1 if the old policy was refreshed for it), ``learning_rate`` and the
+    objective's metrics. Stops early if ``batches`` runs out.
     """
+    phases = Phases.build(model, settings, args, logprobs_fn, warmup_objective)
     batches, ga = iter(batches), args.grad_accumulation_steps
-    agg = options.get("psft_loss_agg", "token-mean")
-    main = StepFns.build(model, objective, options, logprobs_fn, args.compile)
-    warmup = options.get("psft_warmup_steps", 0) if objective.uses_old_policy else 0
-    if warmup and warmup_objective is None:
-        raise ValueError("psft_warmup_steps > 0 needs warmup_objective (the `ce` objective)")
-    warm = StepFns.build(model, warmup_objective, options, logprobs_fn, args.compile) if warmup else None
-    refresh_steps = options.get("psft_refresh_steps", 1) if objective.uses_old_policy else 1
-    window: Optional[Window] = None
-    reporter, records = Reporter(optimizer, callback), []
-    last_step = args.iters // ga
+    reporter, records, window = Reporter(optimizer, callback, args.start_tokens), [], None
     model.train()
     if args.start_iteration == 0:
         _run_eval(evaluate, model, 0, callback)
-    for step in range(args.start_iteration // ga + 1, last_step + 1):
+    for step in range(args.start_iteration // ga + 1, args.iters // ga + 1):
         tic = time.perf_counter()
-        if window is None or not window.serves(batches):  # the window schedule counts steps from 0
-            window = open_window(
-                batches,
-                step - 1,
-                max_steps=last_step,
-                refresh_steps=refresh_steps,
-                warmup_steps=warmup,
-                first_size=ga,
-                group_size=ga,
-                whole_groups_only=True,
-                stamp=lambda micro_batches: stamp_old_logp(model, micro_batches, logprobs_fn),
-            )
-            if not window.groups:
-                break
-        group, kind = window.pop()
-        fns, refreshed = (warm if kind == SFT else main), objective.uses_old_policy and kind == FIRST
-        first = (step - 1) * ga + 1
-        learning_rate = optimizer.learning_rate.item()
-        parts = step_parts(model, optimizer, fns.for_iterations(first, ga, args), group, agg)
-        records.append(
-            {
-                "step": step,
-                "iteration": step * ga,
-                "refresh": float(refreshed),
-                "learning_rate": learning_rate,
-                "loss": sum(p["loss"] for p in parts),
-                **combine_metrics(parts),
-            }
-        )
+        window = phases.window(window, batches, step, lambda mbs: stamp_old_logp(model, mbs, logprobs_fn))
+        if window is None:
+            break
+        record, parts = phases.step(model, optimizer, window, step)
+        records.append(record)
         _clear_cache(args.clear_cache_threshold)
         seconds = (time.perf_counter() - tic) / ga
-        for iteration, part in enumerate(parts, first):
+        for iteration, part in enumerate(parts, (step - 1) * ga + 1):  # report phase
             reporter.add(part, seconds)
             if progress is not None:
                 progress(1)
-            _after_iteration(iteration, args, reporter, evaluate, save, model, callback, warmup * ga)
+            _after_iteration(iteration, args, reporter, evaluate, save, model, callback, settings.warmup_steps * ga)
     _finish(records, args, reporter, evaluate, model, callback)
     return records
 
@@ -364,7 +413,7 @@ def _after_iteration(
     if iteration % args.steps_per_eval == 0:
         _run_eval(evaluate, model, iteration, callback)
     if save is not None and iteration % args.save_every == 0:
-        save(iteration)
+        save(iteration, reporter.trained_tokens)
 
 
 def _finish(records: Sequence[dict], args: LoopArgs, reporter: Reporter, evaluate, model, callback) -> None:
@@ -383,8 +432,14 @@ def _clear_cache(threshold: int) -> None:
         mx.clear_cache()
 
 
-def evaluate_nll(model: nn.Module, batches: Iterable[MicroBatch], logprobs_fn: LogprobsFn = model_logprobs) -> float:
-    """Token-mean NLL (nats) of ``model`` over the response tokens of ``batches``, eval mode."""
+def evaluate_nll(
+    model: nn.Module, batches: Iterable[MicroBatch], logprobs_fn: LogprobsFn = model_logprobs
+) -> tuple[float, int]:
+    """Token-mean NLL (nats) of ``model`` over the response tokens of ``batches`` (eval mode) and their count.
+
+    Without any response token (no batch, or every response masked or cut) the NLL is nan, as
+    in mlx-lm's ``evaluate``: a 0 would read as a perfect model.
+    """
     model.eval()
     total, tokens = mx.array(0.0), 0
     for mb in batches:
@@ -392,4 +447,4 @@ def evaluate_nll(model: nn.Module, batches: Iterable[MicroBatch], logprobs_fn: L
         total = total + (-logp * mb.mask).sum()
         tokens += mb.tokens
         mx.eval(total)
-    return total.item() / max(tokens, 1)
+    return (total.item() / tokens if tokens else math.nan), tokens

@@ -35,6 +35,7 @@ from psft_mlx.data import to_micro_batch
 from psft_mlx.trainer import LoopArgs, model_logprobs, train
 from psft_plugin import get_objective
 from psft_plugin.bench.memory import interleaved, mlx_peak_bytes
+from psft_plugin.config import resolve
 
 
 class WindowTimes:
@@ -71,8 +72,8 @@ def fixed_batch(vocab: int, batch_size: int, seq_len: int):
 
 def _train(model, initial: list, batch, setup: dict[str, Any], loss: str) -> tuple[list[float], int, list[float]]:
     model.load_weights(initial)
-    objective = get_objective(loss)
-    options = objective.resolve({"psft_refresh_steps": setup["refresh_steps"]})
+    window = {"psft_refresh_steps": setup["refresh_steps"]} if get_objective(loss).uses_old_policy else {}
+    settings = resolve({"loss": loss, **window})
     steps = setup["refresh_steps"] * setup["windows"]
     args = LoopArgs(
         iters=steps, steps_per_report=setup["refresh_steps"], steps_per_eval=10**9, save_every=10**9, compile=False
@@ -84,8 +85,7 @@ def _train(model, initial: list, batch, setup: dict[str, Any], loss: str) -> tup
             model,
             optim.AdamW(learning_rate=1e-5, bias_correction=True),
             batches,
-            objective,
-            options,
+            settings,
             args,
             callback=timer,
         )
@@ -171,13 +171,11 @@ def _time_mlx_lm(model_dir: str, batch, iters: int, report: int) -> WindowTimes:
 
 def _time_ours(model_dir: str, batch, iters: int, report: int) -> WindowTimes:
     timer = WindowTimes()
-    objective = get_objective("ce")
     train(
         _lora_model(model_dir),
         optim.Adam(learning_rate=1e-5),
         (to_micro_batch(*batch) for _ in range(iters)),
-        objective,
-        objective.resolve({}),
+        resolve({"loss": "ce"}),
         LoopArgs(iters=iters, steps_per_report=report, steps_per_eval=10**9, save_every=10**9, compile=False),
         callback=timer,
     )

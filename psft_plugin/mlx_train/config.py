@@ -12,7 +12,10 @@ holds what only this host checks.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import re
+import sys
 import types
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -55,9 +58,9 @@ MLX_KEYS: tuple[Option, ...] = (
     Option("data", None, "directory with train.jsonl/valid.jsonl/test.jsonl (or a Hugging Face dataset id)", type=str),
     Option(
         "train",
-        True,
-        "train; `train: false` with `test: true` only evaluates the adapters in adapter_path "
-        "(mlx-lm's default is false, with `--train` to train)",
+        False,
+        "train into adapter_path (as in mlx-lm, off unless set: `--test` alone evaluates the adapters "
+        "in adapter_path and writes nothing)",
         type=bool,
     ),
     Option("fine_tune_type", "lora", "what to train", type=str, choices=("lora", "dora", "full")),
@@ -66,7 +69,7 @@ MLX_KEYS: tuple[Option, ...] = (
         "adam",
         "mlx.optimizers class, case-insensitive",
         type=str,
-        choices=("adam", "adamw", "muon", "sgd", "adafactor"),
+        choices=tuple(checks.OPTIMIZER_CLASSES),
         parse=lower,
     ),
     Option(
@@ -86,7 +89,9 @@ MLX_KEYS: tuple[Option, ...] = (
         type=int,
         ge=1,
     ),
-    Option("val_batches", 25, "validation micro-batches per evaluation; -1 for the whole set", type=int, ge=-1),
+    Option(
+        "val_batches", 25, "validation micro-batches per evaluation; -1 for the whole set (0: nan)", type=int, ge=-1
+    ),
     Option("learning_rate", 1e-5, "learning rate (ignored when lr_schedule is set)", type=float, gt=0.0),
     Option("steps_per_report", 10, "iterations between progress reports", type=int, ge=1),
     Option("steps_per_eval", 200, "iterations between validation NLL evaluations", type=int, ge=1),
@@ -94,7 +99,7 @@ MLX_KEYS: tuple[Option, ...] = (
     Option(
         "resume_adapter_file",
         None,
-        "adapters.safetensors to continue from (with its optimizer state if saved)",
+        "adapters.safetensors to continue from (with its optimizer state if saved), for `iters` more iterations",
         type=str,
     ),
     Option("adapter_path", "adapters", "output folder: adapters, adapter_config.json, metrics.jsonl", type=str),
@@ -130,8 +135,25 @@ MLX_KEYS: tuple[Option, ...] = (
         type=bool,
     ),
 )
-RENAMED = {"lora_layers": "num_layers"}  # older mlx-lm names
+OTHER_NAMES = {
+    "lora_layers": "an older mlx-lm name; use `num_layers`",
+    "warmup_steps": "mlx-lm's learning-rate warm-up is `warmup` in `lr_schedule` (optimizer steps), e.g. "
+    "`lr_schedule: {name: cosine_decay, arguments: [1e-5, 1000], warmup: 100}`; `psft_warmup_steps` is "
+    "another thing: plain-SFT steps before PSFT starts",
+    "warmup": "mlx-lm's learning-rate warm-up is `warmup` in `lr_schedule`, e.g. "
+    "`lr_schedule: {name: cosine_decay, arguments: [1e-5, 1000], warmup: 100}`",
+    "gradient_accumulation_steps": "mlx-lm's name is `grad_accumulation_steps`",
+    "max_steps": "mlx-lm's name is `iters` (micro-batches to train)",
+    "num_epochs": "mlx-lm counts `iters` (micro-batches), not epochs",
+    "lr": "mlx-lm's name is `learning_rate`",
+    "output_dir": "mlx-lm's name is `adapter_path`",
+    "weight_decay": "mlx-lm takes it per optimizer: `optimizer_config: {adamw: {weight_decay: 0.01}}`",
+}
+"""Keys of older mlx-lm versions and of other trainers (Axolotl, Hugging Face), each answered with
+mlx-lm's own key, never a merely similar-looking ``psft_*`` one (``warmup_steps`` is not
+``psft_warmup_steps``)."""
 PATH_KEYS = ("model", "data", "adapter_path", "resume_adapter_file")
+FEATURE_KEYS = ("prompt_feature", "completion_feature", "chat_feature", "text_feature")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,7 +242,7 @@ def load_config(argv: Optional[Sequence[str]] = None) -> types.SimpleNamespace:
 
 
 def resolve_config(values: Mapping[str, Any]) -> types.SimpleNamespace:
-    """Defaults filled and everything validated; ``objective`` and ``psft`` (its resolved options) added.
+    """Defaults filled and everything validated; ``settings`` (the core's) and ``psft`` (the objective's options) added.
 
     The rules every host shares are the core resolver's (:func:`psft_plugin.config.resolve`); this
     host hands it the mlx-lm keys it knows and the problems only it checks (:func:`host_problems`).
@@ -233,11 +255,9 @@ def resolve_config(values: Mapping[str, Any]) -> types.SimpleNamespace:
     if isinstance(cfg["lora_parameters"], dict):
         cfg["lora_parameters"] = {**LORA_DEFAULTS, **cfg["lora_parameters"]}
     settings = resolve(
-        values, host_keys=[option.key for option in MLX_KEYS] + list(RENAMED), closed=True, host_problems=problems
+        values, host_keys=[option.key for option in MLX_KEYS] + list(OTHER_NAMES), closed=True, host_problems=problems
     )
-    return types.SimpleNamespace(
-        **cfg, loss=settings.objective.name, objective=settings.objective, psft=dict(settings.resolved)
-    )
+    return types.SimpleNamespace(**cfg, loss=settings.objective.name, settings=settings, psft=dict(settings.resolved))
 
 
 def host_problems(values: Mapping[str, Any], cfg: Mapping[str, Any]) -> list[str]:
@@ -245,13 +265,16 @@ def host_problems(values: Mapping[str, Any], cfg: Mapping[str, Any]) -> list[str
 
     ``values`` is the raw mapping, ``cfg`` the mlx-lm keys read from it (:data:`MLX_KEYS`).
     """
-    problems = [f"unknown key `{k}`: an older mlx-lm name; use `{RENAMED[k]}`" for k in values if k in RENAMED]
+    problems = [f"unknown key `{k}`: {OTHER_NAMES[k]}" for k in values if k in OTHER_NAMES]
     if not cfg["train"] and not cfg["test"]:
         problems.append(
-            "`train: false` and `test: false`: nothing to do; set `train: true` to train, or "
-            "`test: true` to evaluate the adapters in `adapter_path` on test.jsonl"
+            "neither `train` nor `test` is set (both default to false, as in mlx_lm.lora): nothing to do; "
+            "set `train: true` (`--train`) to train into `adapter_path`, or `test: true` (`--test`) to "
+            "evaluate the adapters in it on test.jsonl"
         )
     problems += report_to_problems(cfg["report_to"])
+    if isinstance(cfg["report_to"], str) and not report_to_problems(cfg["report_to"]):
+        problems += reporter_install_problems(cfg["report_to"])
     problems += (
         checks.lora_problems(cfg["lora_parameters"])
         + checks.schedule_problems(cfg["lr_schedule"])
@@ -264,7 +287,9 @@ def host_problems(values: Mapping[str, Any], cfg: Mapping[str, Any]) -> list[str
             f"`{LM_HEAD_CHUNK_KEY}: {chunk}` is not supported by the MLX trainer (it builds the full "
             f"logits); set `{LM_HEAD_CHUNK_KEY}: 0` or remove it"
         )
-    if all(cfg[key] is None or isinstance(cfg[key], str) for key in PATH_KEYS):  # else: reported as a bad type
+    if all(
+        cfg[key] is None or isinstance(cfg[key], str) for key in PATH_KEYS + FEATURE_KEYS
+    ):  # else: reported as a bad type
         problems += path_problems(cfg)
     return problems
 
@@ -280,6 +305,40 @@ def report_to_problems(value: Any) -> list[str]:
         for name in names
         if name not in REPORTERS
     ]
+
+
+def reporter_install_problems(value: str) -> list[str]:
+    """``report_to`` services whose package cannot be imported (mlx-lm's callbacks import ``wandb``/``swanlab``).
+
+    Checked with the configuration, so a missing one stops the run before any file is written.
+    """
+    names = dict.fromkeys(item.strip().lower() for item in value.split(",") if item.strip())
+    return [
+        f"`report_to: {value}`: {name} is not installed; `pip install {name}`, or remove it from `report_to`"
+        for name in names
+        if name not in sys.modules and importlib.util.find_spec(name) is None
+    ]
+
+
+def num_layers_problem(num_layers: int, layers: int) -> Optional[str]:
+    """``num_layers`` against the model's ``layers`` transformer blocks (-1: all)."""
+    if num_layers <= layers:
+        return None
+    return f"`num_layers: {num_layers}` but the model has {layers} layers; use at most {layers} (or -1 for all)"
+
+
+def model_problems(folder: Path, cfg: Mapping[str, Any]) -> list[str]:
+    """A local model folder: its ``config.json``, and (to train) ``num_layers`` against its ``num_hidden_layers``."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return [f"`model: {cfg['model']}` has no config.json; point it at an mlx-lm/Hugging Face model folder"]
+    try:
+        layers = json.loads(config.read_text()).get("num_hidden_layers")
+    except (json.JSONDecodeError, AttributeError):
+        return [f"`model: {cfg['model']}`: its config.json is not a JSON object; re-download or rebuild the model"]
+    checked = cfg["train"] is True and isinstance(cfg["num_layers"], int) and isinstance(layers, int)
+    problem = num_layers_problem(cfg["num_layers"], layers) if checked else None
+    return [problem] if problem else []
 
 
 def _looks_local(name: str) -> bool:
@@ -298,15 +357,15 @@ def path_problems(cfg: Mapping[str, Any]) -> list[str]:
     if model is None:
         problems.append("no model: set `model:` in the YAML or pass `--model PATH`")
     elif Path(model).expanduser().is_dir():
-        if not (Path(model).expanduser() / "config.json").is_file():
-            problems.append(f"`model: {model}` has no config.json; point it at an mlx-lm/Hugging Face model folder")
+        problems += model_problems(Path(model).expanduser(), cfg)
     elif _looks_local(model):
         problems.append(f"`model: {model}` does not exist; build or download the model there, or pass `--model PATH`")
     if data is None and cfg["hf_dataset"] is None:
         problems.append("no data: set `data:` (a folder with train.jsonl) or pass `--data PATH`")
     elif data is not None and cfg["hf_dataset"] is None:
         if Path(data).expanduser().is_dir():
-            problems += checks.data_folder_problems(data, train=cfg["train"], test=cfg["test"])
+            features = {key: cfg[key] for key in FEATURE_KEYS}
+            problems += checks.data_folder_problems(data, cfg["train"], cfg["test"], features, cfg["mask_prompt"])
         elif _looks_local(data):
             problems.append(
                 f"`data: {data}` does not exist; create the folder with train.jsonl/valid.jsonl or pass `--data PATH`"

@@ -16,6 +16,7 @@ import json
 import math
 import re
 import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -27,17 +28,12 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from psft_mlx.data import RestoredNumpyRandom, first_trainable, iterate_micro_batches
 from psft_mlx.trainer import LoopArgs, evaluate_nll, train
-from psft_plugin.mlx_train.console import TrainConsole
+from psft_plugin.mlx_train.checks import OPTIMIZER_CLASSES
+from psft_plugin.mlx_train.config import num_layers_problem
+from psft_plugin.mlx_train.console import TrainConsole, note
 from psft_plugin.options import ConfigError
 from psft_plugin.registry import get_objective
 
-OPTIMIZERS = {
-    "adam": optim.Adam,
-    "adamw": optim.AdamW,
-    "muon": optim.Muon,
-    "sgd": optim.SGD,
-    "adafactor": optim.Adafactor,
-}
 ADAPTER_FILE = "adapters.safetensors"
 METRICS_FILE = "metrics.jsonl"
 
@@ -52,7 +48,7 @@ def build_optimizer(cfg: types.SimpleNamespace) -> optim.Optimizer:
     kwargs = dict((cfg.optimizer_config or {}).get(cfg.optimizer) or {})
     lr = build_schedule(cfg.lr_schedule) if cfg.lr_schedule else cfg.learning_rate
     try:
-        return OPTIMIZERS[cfg.optimizer](learning_rate=lr, **kwargs)
+        return getattr(optim, OPTIMIZER_CLASSES[cfg.optimizer])(learning_rate=lr, **kwargs)
     except (TypeError, ValueError) as error:
         raise ConfigError([f"`optimizer_config.{cfg.optimizer}: {kwargs}` is invalid: {error}"]) from None
 
@@ -91,13 +87,8 @@ def prepare_model(model: nn.Module, cfg: types.SimpleNamespace) -> None:
 
     mx.random.seed(cfg.seed)  # the LoRA initialisation
     model.freeze()
-    if cfg.num_layers > len(model.layers):
-        raise ConfigError(
-            [
-                f"`num_layers: {cfg.num_layers}` but the model has {len(model.layers)} layers; "
-                f"use at most {len(model.layers)} (or -1 for all)"
-            ]
-        )
+    if problem := num_layers_problem(cfg.num_layers, len(model.layers)):  # a hub model: not checked before
+        raise ConfigError([problem])
     if cfg.fine_tune_type == "full":
         for layer in model.layers[-max(cfg.num_layers, 0) :]:
             layer.unfreeze()
@@ -131,24 +122,34 @@ def optimizer_file(adapter_file: Path) -> Path:
     return adapter_file.with_name(adapter_file.name.replace("adapters.safetensors", "optimizer.safetensors"))
 
 
-def save_checkpoint(model: nn.Module, optimizer: optim.Optimizer, path: Path, iteration: int, name: str) -> None:
+@dataclass(frozen=True)
+class Start:
+    """Where a run starts: iterations and response tokens already trained (both 0 unless resumed)."""
+
+    iteration: int = 0
+    tokens: float = 0.0
+
+
+def save_checkpoint(model: nn.Module, optimizer: optim.Optimizer, path: Path, trained: Start, name: str) -> None:
     """The trainable parameters (mlx-lm's adapter format) and, beside them, the optimizer state.
 
-    ``iteration`` (iterations trained) and the optimizer ``name`` go into the state file's metadata.
+    ``trained`` (iterations and response tokens trained) and the optimizer ``name`` go into the
+    state file's metadata, for a resume to continue the counters.
     """
     mx.save_safetensors(str(path), dict(tree_flatten(model.trainable_parameters())))
-    mx.save_safetensors(
-        str(optimizer_file(path)),
-        dict(tree_flatten(optimizer.state)),
-        metadata={"iteration": str(iteration), "optimizer": name},
-    )
+    metadata = {"iteration": str(trained.iteration), "trained_tokens": str(trained.tokens), "optimizer": name}
+    mx.save_safetensors(str(optimizer_file(path)), dict(tree_flatten(optimizer.state)), metadata=metadata)
 
 
-def resume(model: nn.Module, optimizer: optim.Optimizer, cfg: types.SimpleNamespace, log: Callable[[str], None]) -> int:
-    """Load ``resume_adapter_file`` and, if saved beside it, the optimizer state; the iterations already trained.
+def resume(
+    model: nn.Module, optimizer: optim.Optimizer, cfg: types.SimpleNamespace, log: Callable[[str], None]
+) -> Start:
+    """Load ``resume_adapter_file`` and, if saved beside it, the optimizer state; what was trained already.
 
-    Without a state file (an ``mlx_lm.lora`` adapter) the optimizer starts afresh, as in
-    ``mlx_lm.lora``, and the iteration is read from a ``NNNNNNN_adapters.safetensors`` name.
+    As in ``mlx_lm.lora``, the run then trains ``iters`` more iterations; the iteration numbers,
+    checkpoints and ``trained_tokens`` continue from the saved ones. Without a state file (an
+    ``mlx_lm.lora`` adapter) the optimizer starts afresh, as in ``mlx_lm.lora``, the iteration
+    is read from a ``NNNNNNN_adapters.safetensors`` name and the tokens count from 0.
     """
     path = Path(cfg.resume_adapter_file).expanduser()
     load_trainable(model, path)
@@ -156,19 +157,17 @@ def resume(model: nn.Module, optimizer: optim.Optimizer, cfg: types.SimpleNamesp
     metadata = mx.load(str(state_file), return_metadata=True)[1] if state_file.is_file() and state_file != path else {}
     if metadata.get("optimizer") == cfg.optimizer:
         optimizer.state = tree_unflatten(list(mx.load(str(state_file)).items()))
-        start = int(metadata["iteration"])
+        start = Start(int(metadata["iteration"]), float(metadata.get("trained_tokens", 0.0)))
     else:
         match = re.match(r"(\d+)_adapters\.safetensors$", path.name)
-        start = int(match.group(1)) - int(match.group(1)) % ga if match else 0
-        log(f"note: no `{cfg.optimizer}` state saved next to {path}: the optimizer starts afresh (as in mlx_lm.lora)")
-    if start >= cfg.iters:
-        raise ConfigError(
-            [
-                f"`resume_adapter_file: {path}` has trained {start} iterations already and `iters: "
-                f"{cfg.iters}` is the total; raise `iters` above {start} to train on"
-            ]
-        )
-    log(f"Resuming from {path} at iteration {start}")
+        start = Start(int(match.group(1)) - int(match.group(1)) % ga if match else 0)
+        note(log, f"no `{cfg.optimizer}` state saved next to {path}: the optimizer starts afresh (as in mlx_lm.lora)")
+    note(
+        log,
+        f"resuming from {path} at iteration {start.iteration}: training `iters: {cfg.iters}` more iterations, "
+        f"to {start.iteration + cfg.iters}, as mlx_lm.lora counts them; the iteration numbers, checkpoints, "
+        f"metrics.jsonl and trained_tokens ({start.tokens:,.0f}) continue",
+    )
     return start
 
 
@@ -212,15 +211,16 @@ def load_data(cfg: types.SimpleNamespace, tokenizer: Any) -> tuple[Any, Any, Any
 
 
 def make_evaluate(dataset: Any, cfg: types.SimpleNamespace, num_batches: int) -> Optional[Callable]:
-    """Validation NLL over ``num_batches`` micro-batches (-1: all); None without data.
+    """``evaluate(model) -> (nll, tokens)`` over ``num_batches`` micro-batches (-1: all); None without data.
 
-    The same batches every time, and the global NumPy RNG that mlx-lm's batching uses is
-    restored afterwards, so evaluating does not change the training order.
+    The NLL is nan when no response token was evaluated (see :func:`empty_eval_note`). The same
+    batches every time, and the global NumPy RNG that mlx-lm's batching uses is restored
+    afterwards, so evaluating does not change the training order.
     """
     if not len(dataset):
         return None
 
-    def evaluate(model: nn.Module) -> float:
+    def evaluate(model: nn.Module) -> tuple[float, int]:
         with RestoredNumpyRandom():
             batches = iterate_micro_batches(dataset, cfg.batch_size, cfg.max_seq_length, loop=False, seed=cfg.seed)
             return evaluate_nll(model, batches if num_batches == -1 else itertools.islice(batches, num_batches))
@@ -228,9 +228,21 @@ def make_evaluate(dataset: Any, cfg: types.SimpleNamespace, num_batches: int) ->
     return evaluate
 
 
+def empty_eval_note(cfg: types.SimpleNamespace, key: str) -> str:
+    """Why an evaluation over ``key`` (``val_batches`` or ``test_batches``) saw no response token."""
+    if getattr(cfg, key) == 0:
+        why = f"`{key}: 0` evaluates no batch"
+    else:
+        why = (
+            f"every response of those batches is masked (mask_prompt: {cfg.mask_prompt}) or cut by "
+            f"`max_seq_length: {cfg.max_seq_length}`"
+        )
+    return f"{key.split('_')[0]} loss is nan: {why}, so there is no token to average (mlx_lm.lora gives nan too)"
+
+
 def adapter_config(cfg: types.SimpleNamespace) -> dict[str, Any]:
     """What ``mlx_lm.load(adapter_path=...)`` reads (fine_tune_type, num_layers, lora_parameters) and the run's keys."""
-    config = {k: v for k, v in vars(cfg).items() if k not in ("objective", "psft")}
+    config = {k: v for k, v in vars(cfg).items() if k not in ("settings", "psft")}
     config.update(cfg.psft)
     if cfg.fine_tune_type == "full":
         config["lora_parameters"] = None  # as mlx_lm.lora writes it
@@ -239,16 +251,16 @@ def adapter_config(cfg: types.SimpleNamespace) -> dict[str, Any]:
 
 def make_save(
     model: nn.Module, optimizer: optim.Optimizer, cfg: types.SimpleNamespace, announce: Callable[[Path], None]
-) -> Callable[[int], None]:
-    """Checkpoint function: ``adapters.safetensors`` plus ``{iteration:07d}_adapters.safetensors``.
+) -> Callable[[int, float], None]:
+    """Checkpoint function ``save(iteration, trained_tokens)``: ``adapters.safetensors`` and ``{iteration:07d}_...``.
 
     Called after the optimizer step that contains ``iteration``, so the state records the
     iterations of whole steps trained.
     """
     adapter_dir, ga = Path(cfg.adapter_path), cfg.grad_accumulation_steps
 
-    def save(iteration: int) -> None:
-        trained = -(-iteration // ga) * ga
+    def save(iteration: int, trained_tokens: float) -> None:
+        trained = Start(-(-iteration // ga) * ga, trained_tokens)
         for name in (ADAPTER_FILE, f"{iteration:07d}_{ADAPTER_FILE}"):
             save_checkpoint(model, optimizer, adapter_dir / name, trained, cfg.optimizer)
         announce(adapter_dir / f"{iteration:07d}_{ADAPTER_FILE}")
@@ -256,17 +268,18 @@ def make_save(
     return save
 
 
-def loop_args(cfg: types.SimpleNamespace, start_iteration: int = 0) -> LoopArgs:
-    """The loop's schedule from the configuration (iterations, as mlx-lm counts them)."""
+def loop_args(cfg: types.SimpleNamespace, start: Start = Start()) -> LoopArgs:
+    """The loop's schedule: ``iters`` iterations from ``start`` (as mlx-lm counts them, after a resume too)."""
     return LoopArgs(
-        iters=cfg.iters,
+        iters=start.iteration + cfg.iters,
         grad_accumulation_steps=cfg.grad_accumulation_steps,
         steps_per_report=cfg.steps_per_report,
         steps_per_eval=cfg.steps_per_eval,
         save_every=cfg.save_every,
         clear_cache_threshold=cfg.clear_cache_threshold,
         compile=cfg.compile if cfg.compile is not None else mx.default_device() == mx.gpu,
-        start_iteration=start_iteration,
+        start_iteration=start.iteration,
+        start_tokens=start.tokens,
     )
 
 
@@ -286,24 +299,28 @@ class Callbacks:
 
 
 def reporting_callbacks(cfg: types.SimpleNamespace) -> Any:
-    """mlx-lm's ``get_reporting_callbacks`` for ``report_to`` (W&B, SwanLab), or ``None``."""
+    """mlx-lm's ``get_reporting_callbacks`` for ``report_to`` (W&B, SwanLab), or ``None``.
+
+    The packages were found installed when the configuration was checked
+    (:func:`psft_plugin.mlx_train.config.reporter_install_problems`).
+    """
     if not cfg.report_to:
         return None
     from mlx_lm.tuner.callbacks import get_reporting_callbacks
 
-    try:
-        return get_reporting_callbacks(
-            cfg.report_to, project_name=cfg.project_name, log_dir=cfg.adapter_path, config=adapter_config(cfg)
-        )
-    except ImportError as error:
-        raise ConfigError([f"`report_to: {cfg.report_to}`: {error}"]) from None
+    return get_reporting_callbacks(
+        cfg.report_to, project_name=cfg.project_name, log_dir=cfg.adapter_path, config=adapter_config(cfg)
+    )
 
 
 class ReportCallback:
-    """Appends each report and each validation as a JSON line to ``path`` (truncated unless ``append``)."""
+    """Appends each report and each validation as a JSON line to ``path`` (truncated unless ``append``).
 
-    def __init__(self, path: Path, append: bool = False):
-        self.path = Path(path)
+    A validation without any token has ``val_loss`` NaN and a ``note`` (``empty_note``) saying why.
+    """
+
+    def __init__(self, path: Path, append: bool = False, empty_note: str = ""):
+        self.path, self.empty_note = Path(path), empty_note
         if not append or not self.path.is_file():
             self.path.write_text("")
 
@@ -315,7 +332,7 @@ class ReportCallback:
         self._append("train", info)
 
     def on_val_loss_report(self, info: dict) -> None:
-        self._append("val", info)
+        self._append("val", {**info, "note": self.empty_note} if info.get("val_tokens") == 0 else info)
 
 
 def report_empty_steps(records: list[dict], cfg: types.SimpleNamespace, log: Callable[[str], None]) -> None:
@@ -329,6 +346,45 @@ def report_empty_steps(records: list[dict], cfg: types.SimpleNamespace, log: Cal
         )
 
 
+def start_notes(cfg: types.SimpleNamespace, log: Callable[[str], None]) -> None:
+    """Say once, before training, where this run differs from ``mlx_lm.lora`` on purpose or replaces files."""
+    ga = cfg.grad_accumulation_steps
+    differs = "only response tokens count in the loss (mlx-lm's mask adds one padding position per sequence)"
+    if ga > 1:
+        differs += (
+            f"; with `grad_accumulation_steps: {ga}` a step's loss is the mean over all its micro-batches' "
+            f"tokens (mlx-lm averages the micro-batch means)"
+        )
+    note(log, f"unlike mlx_lm.lora, on purpose: {differs}")
+    if cfg.iters % ga:
+        note(
+            log,
+            f"`iters: {cfg.iters}` is not a multiple of `grad_accumulation_steps: {ga}`: the last "
+            f"{cfg.iters % ga} iteration(s) would end in no optimizer step (mlx_lm.lora computes and discards "
+            f"them), so {cfg.iters - cfg.iters % ga} are trained",
+        )
+    folder = Path(cfg.adapter_path)
+    if (folder / ADAPTER_FILE).is_file() and not cfg.resume_adapter_file:
+        note(
+            log,
+            f"`adapter_path: {cfg.adapter_path}` holds an earlier run's adapters: this run trains into it, "
+            f"replacing them, adapter_config.json and metrics.jsonl (as mlx_lm.lora does)",
+        )
+
+
+def open_outputs(cfg: types.SimpleNamespace, log: Callable[[str], None]) -> tuple[Path, Any]:
+    """The output folder, once every check has passed: ``report_to`` services, then ``adapter_config.json``.
+
+    Returns the folder and the reporting callback (or ``None``).
+    """
+    start_notes(cfg, log)
+    adapter_dir = Path(cfg.adapter_path)
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    reporting = reporting_callbacks(cfg)
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(adapter_config(cfg), indent=2, sort_keys=True))
+    return adapter_dir, reporting
+
+
 def train_model(
     cfg: types.SimpleNamespace,
     model: nn.Module,
@@ -337,37 +393,41 @@ def train_model(
     callback: Any,
     log: Callable[[str], None],
 ) -> list[dict]:
-    """Adapters, optimizer, resume, console and callbacks around :func:`psft_mlx.trainer.train`."""
+    """Adapters, optimizer, resume, console and callbacks around :func:`psft_mlx.trainer.train`.
+
+    Nothing in ``adapter_path`` is created or changed before the model, the adapters and the
+    resume file have been checked (the configuration and data were checked before loading).
+    """
     from mlx_lm.tuner.utils import print_trainable_parameters
 
     prepare_model(model, cfg)
     optimizer = build_optimizer(cfg)
-    start = resume(model, optimizer, cfg, log) if cfg.resume_adapter_file else 0
-    adapter_dir = Path(cfg.adapter_path)
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    (adapter_dir / "adapter_config.json").write_text(json.dumps(adapter_config(cfg), indent=2, sort_keys=True))
-    ui = TrainConsole(cfg.iters, start)
+    start = resume(model, optimizer, cfg, log) if cfg.resume_adapter_file else Start()
+    args = loop_args(cfg, start)
+    adapter_dir, reporting = open_outputs(cfg, log)
+    val_note = empty_eval_note(cfg, "val_batches")
+    ui = TrainConsole(args.iters - args.iters % args.grad_accumulation_steps, start.iteration, val_note)
     ui.print_header(cfg)
     print_trainable_parameters(model)
-    callbacks = Callbacks(
-        ReportCallback(adapter_dir / METRICS_FILE, append=start > 0), ui, reporting_callbacks(cfg), callback
+    metrics = ReportCallback(adapter_dir / METRICS_FILE, append=start.iteration > 0, empty_note=val_note)
+    batches = iterate_micro_batches(
+        train_set, cfg.batch_size, cfg.max_seq_length, loop=True, seed=cfg.seed, skip=start.iteration
     )
-    batches = iterate_micro_batches(train_set, cfg.batch_size, cfg.max_seq_length, loop=True, seed=cfg.seed, skip=start)
     with ui:
         records = train(
             model,
             optimizer,
             batches,
-            cfg.objective,
-            cfg.psft,
-            loop_args(cfg, start),
-            callback=callbacks,
+            cfg.settings,
+            args,
+            callback=Callbacks(metrics, ui, reporting, callback),
             evaluate=make_evaluate(valid_set, cfg, cfg.val_batches),
             save=make_save(model, optimizer, cfg, ui.saved),
             warmup_objective=get_objective("ce"),
             progress=ui.advance,
         )
-    trained = int(records[-1]["iteration"]) if records else start
+    last = int(records[-1]["iteration"]) if records else start.iteration
+    trained = Start(last, start.tokens + sum(r["tokens"] for r in records))
     save_checkpoint(model, optimizer, adapter_dir / ADAPTER_FILE, trained, cfg.optimizer)
     log(f"Saved final weights to {adapter_dir / ADAPTER_FILE}")
     report_empty_steps(records, cfg, log)
@@ -375,13 +435,22 @@ def train_model(
 
 
 def load_for_test(model: nn.Module, cfg: types.SimpleNamespace, log: Callable[[str], None]) -> list[dict]:
-    """``train: false``: the adapters in ``adapter_path`` (mlx-lm's ``load_adapters``; ``""``: the base model)."""
+    """``train: false``: the adapters in ``adapter_path``, read only (mlx-lm's ``load_adapters``; ``""``: the base model)."""
     from mlx_lm.tuner.utils import load_adapters
 
     if cfg.adapter_path != "":
         load_adapters(model, cfg.adapter_path)
         log(f"Loaded the adapters in {cfg.adapter_path}")
     return []
+
+
+def evaluate_test_set(model: nn.Module, test_set: Any, cfg: types.SimpleNamespace, log: Callable[[str], None]) -> float:
+    """``test: true``: the test NLL over ``test_batches``, printed as ``mlx_lm.lora`` prints it (nan without tokens)."""
+    nll, tokens = make_evaluate(test_set, cfg, cfg.test_batches)(model)
+    if not tokens:
+        note(log, empty_eval_note(cfg, "test_batches"))
+    log(f"Test loss {nll:.3f}, Test ppl {math.exp(nll):.3f}.")
+    return nll
 
 
 def run(cfg: types.SimpleNamespace, callback: Any = None, log: Callable[[str], None] = print) -> list[dict]:
@@ -402,6 +471,5 @@ def run(cfg: types.SimpleNamespace, callback: Any = None, log: Callable[[str], N
         records = load_for_test(model, cfg, log)
     if cfg.test:
         log("Testing")
-        test_nll = make_evaluate(test_set, cfg, cfg.test_batches)(model)
-        log(f"Test loss {test_nll:.3f}, Test ppl {math.exp(test_nll):.3f}.")
+        evaluate_test_set(model, test_set, cfg, log)
     return records

@@ -1,12 +1,10 @@
-"""Shared fixtures of the MLX trainer tests: the tiny model and data, built once per session."""
+"""Shared fixtures of the MLX trainer tests: the tiny model and data, and the CLI runs several tests check."""
 
-import subprocess
-import sys
 from pathlib import Path
 
+import mlx_runs
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from mlx_runs import LORA_FLAGS, sft_yaml, train_cli
 
 
 @pytest.fixture(scope="session")
@@ -15,13 +13,22 @@ def tiny(tiny_assets) -> tuple[Path, Path]:
     return tiny_assets
 
 
-def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "psft_plugin.mlx_train", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+@pytest.fixture(scope="session")
+def run_cli():
+    """``run_cli(*args)``: :func:`mlx_runs.run_cli`."""
+    return mlx_runs.run_cli
 
 
 @pytest.fixture(scope="session")
-def run_cli():
-    """``run_cli(*args)``: ``python -m psft_plugin.mlx_train ARGS`` in a subprocess from the repo root."""
-    return _run_cli
+def lora_run(tiny, tmp_path_factory) -> tuple[Path, str]:
+    """``(adapter_dir, stdout)`` of the tiny YAML with :data:`LORA_FLAGS` (PSFT, LoRA)."""
+    out = tmp_path_factory.mktemp("lora") / "adapters"
+    return out, train_cli(tiny, out, *LORA_FLAGS)
+
+
+@pytest.fixture(scope="session")
+def ce_run(tiny, tmp_path_factory) -> tuple[Path, str]:
+    """``(adapter_dir, stdout)`` of :func:`sft_yaml` with ``loss: ce``."""
+    root = tmp_path_factory.mktemp("ce")
+    out = root / "adapters"
+    return out, train_cli(tiny, out, config=sft_yaml(root, "ce"))

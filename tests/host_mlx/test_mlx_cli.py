@@ -1,14 +1,17 @@
-"""The CLI as an `mlx_lm.lora` user meets it: reporting services, eval-only runs, and user mistakes
-that end with a sentence (exit 2), never a traceback."""
+"""The CLI as an `mlx_lm.lora` user meets it: reporting services and user mistakes that end with a
+sentence (exit 2), never a traceback. Eval-only runs and failed starts: test_mlx_lora_meaning.py."""
 
 import json
+import subprocess
+import sys
 import types
 from pathlib import Path
 
 import pytest
 
+from psft_plugin import mlx_train
 from psft_plugin.mlx_train.config import resolve_config
-from psft_plugin.mlx_train.run import load_data, make_evaluate, run
+from psft_plugin.mlx_train.run import run
 
 TINY_YAML = "configs/mlx/tiny.yaml"
 
@@ -20,6 +23,7 @@ def _config(tiny, out: Path, **values):
             "model": str(model),
             "data": str(data),
             "adapter_path": str(out),
+            "train": True,
             "batch_size": 4,
             "iters": 4,
             "num_layers": -1,
@@ -51,8 +55,9 @@ def test_report_to_goes_through_mlx_lm_callbacks_with_the_psft_metrics(tiny, tmp
     import mlx_lm.tuner.callbacks as callbacks
 
     wandb, swanlab = StandIn("wandb"), StandIn("swanlab")
-    monkeypatch.setattr(callbacks, "wandb", wandb)
-    monkeypatch.setattr(callbacks, "swanlab", swanlab)
+    for name, module in (("wandb", wandb), ("swanlab", swanlab)):  # installed, as far as the check and mlx-lm know
+        monkeypatch.setitem(sys.modules, name, module)
+        monkeypatch.setattr(callbacks, name, module)
     run(_config(tiny, tmp_path / "a", report_to="wandb,swanlab", project_name="psft-test"), log=lambda line: None)
     assert wandb.inits[0]["project"] == swanlab.inits[0]["project"] == "psft-test"
     assert wandb.inits[0]["dir"] == str(tmp_path / "a") and wandb.inits[0]["config"]["loss"] == "psft"
@@ -69,31 +74,6 @@ def test_report_to_goes_through_mlx_lm_callbacks_with_the_psft_metrics(tiny, tmp
         "iterations_per_second",
     } <= set(train_logs[-1][1])
     assert any("val_loss" in data for _, data in wandb.logs)
-
-
-def test_report_to_without_the_package_is_a_configuration_error(tiny, tmp_path, monkeypatch):
-    import mlx_lm.tuner.callbacks as callbacks
-
-    from psft_plugin.options import ConfigError
-
-    monkeypatch.setattr(callbacks, "swanlab", None)
-    with pytest.raises(ConfigError, match="swanlab is not installed"):
-        run(_config(tiny, tmp_path / "a", report_to="swanlab"), log=lambda line: None)
-
-
-def test_train_false_test_true_only_evaluates_the_saved_adapters(tiny, tmp_path):
-    from mlx_lm import load
-
-    run(_config(tiny, tmp_path / "a"), log=lambda line: None)
-    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a").iterdir()}
-    lines = []
-    cfg = _config(tiny, tmp_path / "a", train=False, test=True, test_batches=-1)
-    assert run(cfg, log=lines.append) == []
-    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a").iterdir()} == before  # nothing trained or written
-    model, tokenizer = load(str(tiny[0]), adapter_path=str(tmp_path / "a"))
-    expected = make_evaluate(load_data(cfg, tokenizer)[2], cfg, -1)(model)
-    (line,) = [line for line in lines if line.startswith("Test loss")]
-    assert line.startswith(f"Test loss {expected:.3f}, Test ppl ") and "Training" not in lines
 
 
 def test_steps_without_a_response_token_are_reported_once_with_their_count(tiny, tmp_path):
@@ -125,7 +105,17 @@ def _bad_inputs(tiny, tmp_path) -> dict[str, tuple[list[str], list[str]]]:
     broken.write_text("model: x\nlora_parameters: {rank: 8\n")
     hf = tmp_path / "hf.yaml"
     hf.write_text(f"model: {model}\nhf_dataset: {{path: owner/set, train_splt: 'train[:80%]'}}\n")
-    base = ["--model", str(model), "--data", str(data), "--adapter-path", str(tmp_path / "out")]
+    base = [
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--adapter-path",
+        str(tmp_path / "out"),
+        "--train",
+        "--num-layers",
+        "-1",
+    ]
     return {
         "empty train.jsonl": (base + ["--data", str(empty)], ["train.jsonl` is empty", "one JSON object per line"]),
         "broken YAML": (["--config", str(broken)], ["is not valid YAML", "line 3", "fix the syntax"]),
@@ -149,10 +139,19 @@ def _bad_inputs(tiny, tmp_path) -> dict[str, tuple[list[str], list[str]]]:
     }
 
 
+IN_PROCESS = ("hub model id offline", "hub data id offline")
+"""Cases that fail only after mlx-lm is imported: run through the CLI's ``main`` in this process (the
+same exit path the other cases take through a subprocess), which saves two process starts."""
+
+
 @pytest.mark.e2e
-def test_user_mistakes_exit_2_with_the_fix_and_no_traceback(run_cli, tiny, tmp_path):
+def test_user_mistakes_exit_2_with_the_fix_and_no_traceback(run_cli, tiny, tmp_path, capsys):
     for case, (args, words) in _bad_inputs(tiny, tmp_path).items():
-        result = run_cli(*args)
+        if case in IN_PROCESS:  # an exception other than ConfigError would fail the test here
+            status, out = mlx_train.main(args), capsys.readouterr()
+            result = subprocess.CompletedProcess(args, status, out.out, out.err)
+        else:
+            result = run_cli(*args)
         assert result.returncode == 2, (case, result.stdout[-2000:], result.stderr[-2000:])
         assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, case
         for word in words:

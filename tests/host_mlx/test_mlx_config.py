@@ -10,7 +10,7 @@ from psft_plugin.registry import default_registry
 @pytest.fixture
 def paths(tiny):
     model, data = tiny
-    return {"model": str(model), "data": str(data)}
+    return {"model": str(model), "data": str(data), "train": True, "num_layers": -1}
 
 
 def _problems(values):
@@ -31,14 +31,14 @@ def test_every_declared_key_has_one_flag_and_psft_flags_come_from_the_registry()
 def test_cli_overrides_yaml_and_yaml_floats_parse(tmp_path, paths):
     config = tmp_path / "c.yaml"
     config.write_text(
-        f"model: {paths['model']}\ndata: {paths['data']}\nlearning_rate: 1e-5\niters: 7\n"
+        f"model: {paths['model']}\ndata: {paths['data']}\ntrain: true\nnum_layers: -1\nlearning_rate: 1e-5\niters: 7\n"
         f"loss: psft\npsft_refresh_steps: 4\nmask_prompt: true\n"
     )
     cfg = load_config(["--config", str(config), "--iters", "3", "--psft-epsilon-high", "0.5", "--no-mask-prompt"])
     assert cfg.learning_rate == 1e-5 and isinstance(cfg.learning_rate, float)
     assert cfg.iters == 3 and cfg.mask_prompt is False
     assert cfg.psft["psft_epsilon_high"] == 0.5 and cfg.psft["psft_refresh_steps"] == 4
-    assert cfg.objective.name == "psft" and cfg.objective.uses_old_policy
+    assert cfg.settings.objective.name == "psft" and cfg.settings.objective.uses_old_policy
     assert cfg.batch_size == 4 and cfg.lora_parameters == {"rank": 8, "dropout": 0.0, "scale": 20.0}
 
 
@@ -77,6 +77,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
         {
             "model": str(tmp_path / "nope"),
             "data": str(tmp_path / "nodata"),
+            "train": True,
             "batch_size": 0,
             "loss": "psft",
             "psft_refresh_steps": 0,
@@ -108,12 +109,14 @@ def test_psft_keys_under_ce_are_an_error_as_in_every_host(paths):
     (problem,) = _problems({**paths, "loss": "ce", "psft_refresh_steps": 4})
     assert "`psft_refresh_steps` has no effect with `loss: ce`; set `loss: psft` or remove" in problem
     cfg = resolve_config({**paths, "loss": "ce"})
-    assert cfg.objective.name == "ce" and cfg.psft == {"psft_loss_agg": "token-mean"}
+    assert cfg.settings.objective.name == "ce" and cfg.psft == {"psft_loss_agg": "token-mean"}
 
 
 def test_train_false_needs_test_and_trained_adapters(paths, tmp_path):
     (problem,) = _problems({**paths, "train": False})
-    assert "nothing to do" in problem and "`test: true`" in problem
+    assert "nothing to do" in problem and "`test: true`" in problem and "as in mlx_lm.lora" in problem
+    (problem,) = _problems({"model": paths["model"], "data": paths["data"]})  # mlx-lm's defaults: neither
+    assert "neither `train` nor `test` is set" in problem
     (problem,) = _problems({**paths, "train": False, "test": True, "adapter_path": str(tmp_path / "none")})
     assert "adapter_config.json or adapters.safetensors" in problem and 'adapter_path: ""' in problem
     cfg = resolve_config({**paths, "train": False, "test": True, "adapter_path": ""})  # the base model
@@ -127,7 +130,17 @@ def test_names_and_sizes_are_read_as_mlx_lm_reads_them(paths):
     assert cfg.optimizer == "adamw" and cfg.clear_cache_threshold == 10**9 and cfg.project_name == "p"
     assert (
         load_config(
-            ["--model", paths["model"], "--data", paths["data"], "--clear-cache-threshold", "512MB"]
+            [
+                "--model",
+                paths["model"],
+                "--data",
+                paths["data"],
+                "--train",
+                "--num-layers",
+                "-1",
+                "--clear-cache-threshold",
+                "512MB",
+            ]
         ).clear_cache_threshold
         == 512 * 10**6
     )
@@ -195,4 +208,4 @@ def test_the_torch_only_lm_head_chunk_size_is_rejected_by_name(paths):
     (problem,) = _problems({**paths, "loss": "psft", "psft_lm_head_chunk_size": 64})
     assert "`psft_lm_head_chunk_size: 64` is not supported by the MLX trainer" in problem
     assert "psft_lm_head_chunk_size: -1` is out of range" in _problems({**paths, "psft_lm_head_chunk_size": -1})[0]
-    assert resolve_config({**paths, "loss": "ce", "psft_lm_head_chunk_size": 0}).objective.name == "ce"
+    assert resolve_config({**paths, "loss": "ce", "psft_lm_head_chunk_size": 0}).settings.objective.name == "ce"

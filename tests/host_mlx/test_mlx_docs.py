@@ -18,7 +18,7 @@ def test_tiny_config_validates(tiny):
     cfg = load_config(
         ["--config", str(ROOT / "configs/mlx/tiny.yaml"), "--model", str(tiny[0]), "--data", str(tiny[1])]
     )
-    assert cfg.objective.name == "psft" and cfg.psft["psft_refresh_steps"] == 4
+    assert cfg.settings.objective.name == "psft" and cfg.psft["psft_refresh_steps"] == 4 and cfg.train
 
 
 def test_smollm2_config_has_no_problem_but_its_absent_paths(tmp_path):
@@ -28,7 +28,7 @@ def test_smollm2_config_has_no_problem_but_its_absent_paths(tmp_path):
     except ConfigError as error:
         assert all("does not exist" in p and p.startswith(("`model:", "`data:")) for p in error.problems), error
     else:
-        assert cfg.objective.name == "psft"
+        assert cfg.settings.objective.name == "psft" and cfg.train
     with pytest.raises(ConfigError) as error:  # the same file with only the paths replaced
         load_config(["--config", str(ROOT / "configs/mlx/smollm2.yaml"), "--model", str(tmp_path)])
     assert any("config.json" in p for p in error.value.problems)

@@ -153,3 +153,20 @@ def test_the_comparison_sees_mlx_lm_default_mask(yaml_file, tmp_path, monkeypatc
     diff = _max_diff(tmp_path / "ours", tmp_path / "mlx_lm")
     print(f"max |ours - mlx_lm with its default mask| = {diff:.2e}")
     assert diff > 1e-4
+
+
+def test_a_resume_trains_iters_more_iterations_as_mlx_lm_lora_does(yaml_file, tmp_path, monkeypatch):
+    """The YAML plus `resume_adapter_file`: mlx_lm.lora trains `iters` more iterations (its counter restarts at
+    1); ours trains as many, its counter continuing from the checkpoint's iteration."""
+    assert (
+        mlx_train.main(["--config", str(yaml_file), "--adapter-path", str(tmp_path / "a"), "--iters", str(SAVE)]) == 0
+    )
+    resumed = tmp_path / "resumed.yaml"
+    resumed.write_text(yaml_file.read_text() + f"resume_adapter_file: {tmp_path / 'a' / 'adapters.safetensors'}\n")
+    theirs = run_mlx_lm(resumed, tmp_path / "mlx_lm", monkeypatch)
+    assert mlx_train.main(["--config", str(resumed), "--adapter-path", str(tmp_path / "b")]) == 0
+    ours = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    ours = [r["iteration"] for r in ours if r["kind"] == "train"]
+    assert [r["iteration"] for r in theirs] == list(range(REPORT, ITERS + 1, REPORT))
+    assert ours == [it for it in range(SAVE + 1, SAVE + ITERS) if it % REPORT == 0] + [SAVE + ITERS]
+    assert ours[-1] - SAVE == theirs[-1]["iteration"] == ITERS

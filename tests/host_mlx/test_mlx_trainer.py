@@ -13,6 +13,7 @@ from psft_mlx.data import MicroBatch, to_micro_batch
 from psft_mlx.loss import ce_loss
 from psft_mlx.trainer import LoopArgs, make_step_fn, model_logprobs, optimizer_step, train
 from psft_plugin import Objective, get_objective
+from psft_plugin.config import resolve
 
 VOCAB, WIDTH, BATCH = 40, 12, 3
 
@@ -59,8 +60,7 @@ def _train(objective, options, batches, iters, ga, lr=1e-2, model=None, start_it
         model,
         optim.AdamW(learning_rate=lr, bias_correction=True),
         iter(batches),
-        get_objective(objective),
-        get_objective(objective).resolve(options),
+        resolve({"loss": objective, **options}),
         LoopArgs(
             iters=iters,
             grad_accumulation_steps=ga,

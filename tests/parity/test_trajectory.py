@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq
 
 from psft_mlx.data import MicroBatch
 from psft_mlx.trainer import LoopArgs, train
-from psft_plugin import get_objective
 from psft_plugin.assets.tiny import chat_examples
+from psft_plugin.config import resolve
 from psft_torch.trainer import PSFTTrainerMixin
 
 from .bridge import ADAMW_WEIGHT_DECAY, mlx_adamw
@@ -106,14 +106,12 @@ def _mlx_run(model_dir, rows, pad_id, psft_config=PSFT_CONFIG):
     from mlx_lm import load
 
     model, _ = load(str(model_dir))
-    objective = get_objective(psft_config["loss"])
-    options = objective.resolve(psft_config)
+    settings = resolve(psft_config)
     records = train(
         model,
         mlx_adamw(LR, ADAMW_WEIGHT_DECAY),
         _micro_batches(rows, pad_id),
-        objective,
-        options,
+        settings,
         LoopArgs(
             iters=STEPS * GA,
             grad_accumulation_steps=GA,
