@@ -37,9 +37,9 @@ QUICK = {"batch_size": 4, "seq_len": 64, "refresh_steps": 8, "windows": 2, "roun
 FULL = {"batch_size": 4, "seq_len": 128, "refresh_steps": 8, "windows": 2, "rounds": 2}
 
 
-def run_worker(module: str, *args: str) -> Any:
-    """Run ``python -m module args`` with the worker environment; parse its last stdout line as JSON."""
-    env = {**os.environ, **WORKER_ENV}
+def run_worker(module: str, *args: str, env: Optional[dict[str, str]] = None) -> Any:
+    """Run ``python -m module args`` with the worker environment (plus ``env``); parse its last stdout line as JSON."""
+    env = {**os.environ, **WORKER_ENV, **(env or {})}
     done = subprocess.run([sys.executable, "-m", module, *args], env=env, check=True, stdout=subprocess.PIPE, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
