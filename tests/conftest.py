@@ -10,19 +10,11 @@ import os
 from importlib import metadata
 
 import pytest
+from suite_env import SUITE_ENV
 
 from psft_plugin.assets import tiny
 
-for key, value in {
-    "OMP_NUM_THREADS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "AXOLOTL_DO_NOT_TRACK": "1",
-    "MLX_DISABLE_COMPILE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "WANDB_MODE": "disabled",
-}.items():
+for key, value in SUITE_ENV.items():  # for a bare `pytest` too (make puts the same in front of it)
     os.environ.setdefault(key, value)
 
 
@@ -44,10 +36,24 @@ def pytest_report_header(config):
     return f"axolotl line: {axolotl_line()}"
 
 
+def installed(distribution: str) -> bool:
+    """Whether ``distribution`` (e.g. ``"ms-swift"``) is installed in this venv."""
+    try:
+        metadata.version(distribution)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
 def pytest_collection_modifyitems(config, items):
     line = axolotl_line()
     other_line = [
-        item for item in items if (marker := item.get_closest_marker("axolotl_line")) and line not in marker.args
+        item
+        for item in items
+        if (marker := item.get_closest_marker("axolotl_line"))
+        and line not in marker.args
+        or (marker := item.get_closest_marker("requires"))
+        and not all(installed(name) for name in marker.args)
     ]
     if other_line:
         config.hook.pytest_deselected(items=other_line)

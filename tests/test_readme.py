@@ -9,6 +9,7 @@ from psft_plugin.options import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+CONTRIBUTING = ROOT / "CONTRIBUTING.md"
 
 
 def test_readme_options_table_matches_the_declarations():
@@ -32,11 +33,11 @@ def _tracked_files() -> list[str]:
     return subprocess.run(["git", "ls-files"], cwd=ROOT, check=True, capture_output=True, text=True).stdout.split()
 
 
-def test_readme_layout_names_every_folder():
-    layout = README.read_text().split("## Layout\n", 1)[1].split("\n## ", 1)[0]
+def test_contributing_layout_names_every_folder():
+    layout = CONTRIBUTING.read_text().split("## Layout\n", 1)[1].split("\n## ", 1)[0]
     folders = {str(Path(name).parent) for name in _tracked_files()} - {"."}
     missing = sorted(folder for folder in folders if f"`{folder}/" not in layout)
-    assert not missing, f"add these folders to the README's Layout: {missing}"
+    assert not missing, f"add these folders to CONTRIBUTING.md's Layout: {missing}"
 
 
 def test_every_cited_section_of_the_objective_document_exists():

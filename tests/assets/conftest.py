@@ -1,7 +1,6 @@
 """Session fixtures for the demo assets: the SmolLM2 build is cached under the repo's git-ignored
 ``.cache/smollm2`` (shared with the demo), so only the first run pays the ~1 minute build."""
 
-import time
 from pathlib import Path
 
 import pytest
@@ -12,16 +11,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
-def smollm2_build():
-    """(model folder, seconds the first ``build`` call took in this session)."""
-    start = time.perf_counter()
-    model_dir = smollm2.build(ROOT / ".cache" / "smollm2")
-    return model_dir, time.perf_counter() - start
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(smollm2_build):
-    return smollm2_build[0]
+def smollm2_dir():
+    """The model folder, built on first use."""
+    return smollm2.build(ROOT / ".cache" / "smollm2")
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import yaml
+from suite_env import SUITE_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_CONFIG = ROOT / "configs" / "axolotl" / "tiny.yml"
@@ -35,7 +36,6 @@ class Run:
     directory: Path
     output: str
     returncode: int
-    peak_rss_bytes: Optional[int] = None
 
     @property
     def output_dir(self) -> Path:
@@ -62,42 +62,26 @@ def config(model_dir: Path, data_dir: Path, directory: Path, **overrides: Any) -
     return {key: value for key, value in cfg.items() if value is not None}
 
 
-# Runs a command and prints the peak resident set of its largest descendant (the training process:
-# ru_maxrss of RUSAGE_CHILDREN is the largest waited-for descendant's peak, in KiB on Linux).
-PEAK_RSS_WRAPPER = (
-    "import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
-    "print(f'PEAK_RSS_KIB={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}'); sys.exit(code)"
-)
-PEAK_LINE = re.compile(r"^PEAK_RSS_KIB=(\d+)$", re.M)
-
-
 def train(
     directory: Path,
     cfg: dict,
     processes: int = 1,
     name: str = "",
     env: Optional[dict[str, str]] = None,
-    peak_memory: bool = False,
 ) -> Run:
     """``axolotl train cfg.yml`` in a subprocess (``torchrun`` with gloo for several processes).
 
     ``env`` adds environment variables (e.g. ``PSFT_TEST_CPU_ENGINE=1`` for the engine tests); its
-    ``PYTHONPATH`` is put after the test-only patches of ``tests/cpu_site``. ``peak_memory``: also
-    record the training process's peak resident set (``Run.peak_rss_bytes``).
+    ``PYTHONPATH`` is put after the test-only patches of ``tests/cpu_site``.
     """
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "cfg.yml"
     path.write_text(yaml.safe_dump(cfg))
-    # Offline and without telemetry: Axolotl's analytics client otherwise blocks at exit without network.
     extra = dict(env or {})
     env = dict(
         os.environ,
+        **SUITE_ENV,  # offline, one thread, no telemetry (Axolotl's blocks at exit without network)
         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        AXOLOTL_DO_NOT_TRACK="1",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        WANDB_MODE="disabled",
-        OMP_NUM_THREADS="1",
         PYTHONPATH=os.pathsep.join(
             filter(None, [str(CPU_SITE), extra.pop("PYTHONPATH", None), os.environ.get("PYTHONPATH")])
         ),
@@ -110,33 +94,49 @@ def train(
         command += ["--launcher", "torchrun", "--", "--standalone", f"--nproc_per_node={processes}"]
     else:
         command += ["--launcher", "python"]
-    if peak_memory:
-        command = [sys.executable, "-c", PEAK_RSS_WRAPPER, *command]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=directory, env=env, capture_output=True, text=True, timeout=600)
     print(f"axolotl train {name or directory.name}: {time.perf_counter() - start:.0f} s", flush=True)
-    peak = PEAK_LINE.search(done.stdout) if peak_memory else None
-    return Run(
-        name or directory.name,
-        directory,
-        done.stdout + done.stderr,
-        done.returncode,
-        int(peak.group(1)) * 1024 if peak else None,
-    )
+    return Run(name or directory.name, directory, done.stdout + done.stderr, done.returncode)
+
+
+def runs_read_by_selected_tests(request: Any) -> set[str]:
+    """The runs named by ``@pytest.mark.runs(...)`` on the selected tests of ``request``'s module.
+
+    A name may hold the test's parameters as ``str.format`` fields (``"{engine}-ce"``). Only these
+    runs are started: a test deselected on this line (``-k``, ``axolotl_line``) costs no run.
+    """
+    names = set()
+    for item in request.session.items:
+        if item.module is request.module:
+            params = item.callspec.params if hasattr(item, "callspec") else {}
+            names.update(name.format(**params) for marker in item.iter_markers("runs") for name in marker.args)
+    return names
 
 
 class RunPool:
-    """Submits runs to two workers; ``result(name)`` waits for one."""
+    """Submits runs to two workers; ``result(name)`` waits for one.
 
-    def __init__(self, workers: int = 2):
+    With ``wanted``, a run not in it is not submitted; a run that resumes from another
+    (``after=``) needs that one submitted first, or the submission is an error.
+    """
+
+    def __init__(self, workers: int = 2, wanted: Optional[set[str]] = None):
         self.executor = ThreadPoolExecutor(max_workers=workers)
         self.futures: dict[str, Future] = {}
+        self.wanted = wanted
 
     def submit(self, name: str, job: Callable[[], Run], after: Optional[str] = None) -> None:
+        if self.wanted is not None and name not in self.wanted:
+            return
+        if after is not None and after not in self.futures:
+            raise KeyError(f"run {name!r} resumes from {after!r}, which was not submitted before it (mark both)")
         parent = self.futures.get(after) if after else None
         self.futures[name] = self.executor.submit(lambda: (parent.result() if parent else None, job())[1])
 
     def result(self, name: str) -> Run:
+        if name not in self.futures:
+            raise KeyError(f"run {name!r} was not started: add it to the test's @pytest.mark.runs(...)")
         return self.futures[name].result()
 
     def close(self) -> None:

@@ -14,7 +14,8 @@ import torch
 from axolotl_runs import RunPool, config, train
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.e2e
+# DFT trains through the same trainer hooks as PSFT, which run on the 0.19 line too.
+pytestmark = [pytest.mark.e2e, pytest.mark.axolotl_line("0.21")]
 PSFT_ONLY_KEYS = ("psft_epsilon_low", "psft_epsilon_high", "psft_refresh_steps", "psft_warmup_steps")
 STEPS = 4
 COMMON = dict(

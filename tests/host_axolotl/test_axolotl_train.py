@@ -1,13 +1,15 @@
 """``loss: psft`` through the real ``axolotl train`` CLI on the tiny model (no mocks).
 
-Eleven runs (two of them two processes) are started together by a session fixture, two at a
+Twelve runs (two of them two processes) are started together by a session fixture, two at a
 time, and shared between the tests: 6 optimizer steps of 2 x 2 ragged chat rows (micro-batch
 2, gradient accumulation 2), sequential data order, lr 1e-2 so that the policy moves within a
 window. Dropout is 0 throughout (the K = 1 identity needs it; see docs/axolotl.md).
 """
 
+import json
+
 import pytest
-from axolotl_runs import RunPool, config, train
+from axolotl_runs import RunPool, config, runs_read_by_selected_tests, train
 from safetensors.torch import load_file
 
 STEPS, K = 6, 3
@@ -31,14 +33,38 @@ PSFT_METRICS = {
     "psft/nll",
     "psft/objective",
 }
+# LoRA with packing, warm-up 1 and K = 2: windows [1, 3) and [3, 4); checkpoint-2 is inside the first.
+# Axolotl auto-enables its Triton LoRA kernels, which need CUDA: off on CPU.
+LORA = dict(
+    adapter="lora",
+    lora_r=8,
+    lora_alpha=16,
+    lora_dropout=0.0,
+    lora_target_linear=True,
+    lora_mlp_kernel=False,
+    lora_qkv_kernel=False,
+    lora_o_kernel=False,
+    lora_embedding_kernel=False,
+    sample_packing=True,
+    psft_refresh_steps=2,
+    psft_warmup_steps=1,
+    max_steps=4,
+    save_strategy="steps",
+    save_steps=2,
+)
+# The test-only probe plugin (tests/cpu_site) records the LM head's calls: see the chunked-head test.
+PROBED = dict(plugins=["psft_plugin.integrations.axolotl.PSFTPlugin", "psft_engine_probe.EngineProbePlugin"])
+# On the 0.19 line only what changes there runs: the trainer hooks, resume, LoRA and packing. The
+# chunked head and DDP go through the same Axolotl code on both lines (0.19 runs FSDP2 in test_engines).
+DEFAULT_LINE_ONLY = pytest.mark.axolotl_line("0.21")
 
 
-@pytest.fixture(scope="session")
-def runs(tiny_assets, tmp_path_factory):
-    """Every CLI run of this module, submitted at once; tests wait for the ones they read."""
+@pytest.fixture(scope="module")
+def runs(request, tiny_assets, tmp_path_factory):
+    """The CLI runs the selected tests read, submitted at once; tests wait for the ones they read."""
     model_dir, data_dir = tiny_assets
     root = tmp_path_factory.mktemp("axolotl")
-    pool = RunPool(workers=2)
+    pool = RunPool(workers=2, wanted=runs_read_by_selected_tests(request))
 
     def job(name, processes=1, **overrides):
         cfg = config(model_dir, data_dir, root / name, **{**COMMON, **overrides})
@@ -47,11 +73,13 @@ def runs(tiny_assets, tmp_path_factory):
     checkpoint = root / "k3" / "out"
     pool.submit("k3", job("k3", save_strategy="steps", save_steps=1))
     pool.submit("ddp", job("ddp", processes=2, micro_batch_size=1))
-    pool.submit("ce", job("ce", loss="ce", **{key: None for key in PSFT_ONLY_KEYS}))
+    pool.submit("ce", job("ce", loss="ce", **{key: None for key in PSFT_ONLY_KEYS}, **PROBED))
     pool.submit("k1", job("k1", psft_refresh_steps=1))
-    pool.submit("k1_chunked", job("k1_chunked", psft_refresh_steps=1, psft_lm_head_chunk_size=5))
+    pool.submit("k1_chunked", job("k1_chunked", psft_refresh_steps=1, psft_lm_head_chunk_size=5, **PROBED))
     pool.submit("ddp_chunked", job("ddp_chunked", processes=2, micro_batch_size=1, psft_lm_head_chunk_size=3))
-    adapter = _head_adapter(model_dir, root / "head_adapter")
+    adapter = (
+        _head_adapter(model_dir, root / "head_adapter") if {"lora_head", "lora_head_chunked"} & pool.wanted else None
+    )
     for name, chunk in (("lora_head", 0), ("lora_head_chunked", 4)):  # LoRA on lm_head, packing, checkpointing
         pool.submit(
             name,
@@ -75,26 +103,9 @@ def runs(tiny_assets, tmp_path_factory):
         )
     pool.submit("resume3", job("resume3", resume_from_checkpoint=str(checkpoint / "checkpoint-3")), after="k3")
     pool.submit("resume4", job("resume4", resume_from_checkpoint=str(checkpoint / "checkpoint-4")), after="k3")
-    # Axolotl auto-enables its Triton LoRA kernels, which need CUDA: off on CPU.
-    pool.submit(
-        "lora",
-        job(
-            "lora",
-            adapter="lora",
-            lora_r=8,
-            lora_alpha=16,
-            lora_dropout=0.0,
-            lora_target_linear=True,
-            lora_mlp_kernel=False,
-            lora_qkv_kernel=False,
-            lora_o_kernel=False,
-            lora_embedding_kernel=False,
-            sample_packing=True,
-            psft_refresh_steps=2,
-            psft_warmup_steps=1,
-            max_steps=4,
-        ),
-    )
+    pool.submit("lora", job("lora", **LORA))
+    lora_checkpoint = root / "lora" / "out" / "checkpoint-2"
+    pool.submit("lora_resume2", job("lora_resume2", **LORA, resume_from_checkpoint=str(lora_checkpoint)), after="lora")
     yield pool
     pool.close()
 
@@ -133,6 +144,7 @@ def _fresh(step):
 
 
 @pytest.mark.e2e
+@pytest.mark.runs("ce", "k1")
 def test_k1_gives_the_same_weights_as_ce(runs):
     """With accumulation 2 and ragged rows, K = 1 PSFT and `loss: ce` (both global token-means)."""
     ce, k1 = runs.result("ce").check(), runs.result("k1").check()
@@ -144,6 +156,7 @@ def test_k1_gives_the_same_weights_as_ce(runs):
 
 
 @pytest.mark.e2e
+@pytest.mark.runs("ce", "k3")
 def test_refresh_window_differs_from_sft_and_clips(runs):
     ce, k3 = runs.result("ce").check(), runs.result("k3").check()
     assert _max_diff(_weights(k3), _weights(ce)) > 1e-3
@@ -157,6 +170,7 @@ def test_refresh_window_differs_from_sft_and_clips(runs):
 
 
 @pytest.mark.e2e
+@pytest.mark.runs("k3", "resume3")
 def test_resume_at_a_window_boundary_reproduces_the_run(runs):
     k3, resumed = runs.result("k3").check(), runs.result("resume3").check()
     diff = _max_diff(_weights(resumed), _weights(k3))
@@ -166,17 +180,35 @@ def test_resume_at_a_window_boundary_reproduces_the_run(runs):
 
 
 @pytest.mark.e2e
-def test_resume_mid_window_opens_a_fresh_shortened_window(runs):
-    """checkpoint-4 is inside the window [3, 6): the resumed run restamps at step 4 with the
-    checkpoint's weights (the old policy of step 3 is not in the checkpoint) and realigns at 6."""
+@pytest.mark.runs("k3", "resume4")
+def test_resume_inside_a_window_reproduces_the_run(runs):
+    """checkpoint-4 is inside the window [3, 6): steps 4 and 5 train against the old log-probs of
+    step 3's weights, which the checkpoint carries (without them: 2.6e-2 and a warning)."""
     k3, resumed = runs.result("k3").check(), runs.result("resume4").check()
+    diff = _max_diff(_weights(resumed), _weights(k3))
+    print(f"resume from checkpoint-4 (inside the window [3, 6)): max |dw| = {diff:.3g}")
+    assert diff <= 1e-6
+    assert "its window cannot be restored" not in resumed.output
     steps = resumed.steps()
-    assert len(steps) == 2 and _fresh(steps[0]) and not _fresh(steps[1])
-    assert not _fresh(k3.steps()[4])
-    assert 0 < _max_diff(_weights(resumed), _weights(k3)) < 0.05
+    assert len(steps) == 2 and not any(_fresh(step) for step in steps)  # no window starts at step 4
+    for one, two in zip(k3.steps()[4:], steps, strict=True):
+        assert two["psft/ratio_max"] == pytest.approx(one["psft/ratio_max"], rel=1e-3)
 
 
 @pytest.mark.e2e
+@pytest.mark.runs("lora", "lora_resume2")
+def test_lora_resume_inside_a_window_reproduces_the_run(runs):
+    """LoRA with sample packing: checkpoint-2 is inside the window [1, 3)."""
+    lora, resumed = runs.result("lora").check(), runs.result("lora_resume2").check()
+    a, b = _weights(lora, "adapter_model.safetensors"), _weights(resumed, "adapter_model.safetensors")
+    diff = _max_diff(b, a)
+    print(f"LoRA: resume from checkpoint-2 (inside the window [1, 3)): max |dw| = {diff:.3g}")
+    assert diff <= 1e-6
+    assert "its window cannot be restored" not in resumed.output and len(resumed.steps()) == 2
+
+
+@pytest.mark.e2e
+@pytest.mark.runs("lora")
 def test_lora_with_sample_packing_and_warmup(runs):
     lora = runs.result("lora").check()
     adapter = _weights(lora, "adapter_model.safetensors")
@@ -188,6 +220,8 @@ def test_lora_with_sample_packing_and_warmup(runs):
 
 
 @pytest.mark.e2e
+@DEFAULT_LINE_ONLY
+@pytest.mark.runs("k3", "ddp")
 def test_two_process_data_parallel_equals_one_process(runs):
     """2 ranks x micro-batch 1 x accumulation 2 see the same 4 rows per step as 1 x 2 x 2."""
     single, ddp = runs.result("k3").check(), runs.result("ddp").check()
@@ -200,16 +234,30 @@ def test_two_process_data_parallel_equals_one_process(runs):
 
 
 @pytest.mark.e2e
+@DEFAULT_LINE_ONLY
+@pytest.mark.runs("ce", "k1_chunked")
 def test_k1_with_the_chunked_lm_head_gives_the_same_weights_as_ce(runs):
-    """`psft_lm_head_chunk_size: 5`: the identity K = 1 == CE still holds through `axolotl train`."""
+    """`psft_lm_head_chunk_size: 5`: the identity K = 1 == CE still holds through `axolotl train`,
+    and no call of the LM head builds more than 5 rows of logits (after its one 8-position check of
+    the model's logit transform), where CE's head builds every micro-batch's B x T rows."""
     ce, chunked = runs.result("ce").check(), runs.result("k1_chunked").check()
     diff = _max_diff(_weights(chunked), _weights(ce))
     print(f"K=1 with the chunked LM head vs CE through axolotl train: max |dw| = {diff:.3g}")
     assert diff <= 1e-5
     assert "log-probs: LM head in chunks of 5 tokens" in chunked.output and all(_fresh(s) for s in chunked.steps())
+    full_rows, chunk_rows = _head_rows(ce), _head_rows(chunked)
+    assert len(full_rows) == STEPS * COMMON["gradient_accumulation_steps"] and min(full_rows) > 5 * 2
+    assert chunk_rows[0] == 8 and chunk_rows[1:] and max(chunk_rows[1:]) <= 5
+
+
+def _head_rows(run) -> list[int]:
+    """Rows of logits per LM-head call, as the probe plugin recorded them (one process)."""
+    return json.loads((run.output_dir / "engine-rank0.json").read_text())["head_rows"]
 
 
 @pytest.mark.e2e
+@DEFAULT_LINE_ONLY
+@pytest.mark.runs("ddp", "ddp_chunked")
 def test_chunked_lm_head_under_two_process_data_parallel(runs):
     """Same run as `ddp` with the chunked head. Not bitwise: the head's weight gradient is summed
     chunk by chunk (~1e-8 apart, the K = 1 test above shows Adam growing that to ~7e-6), and with
@@ -225,6 +273,8 @@ def test_chunked_lm_head_under_two_process_data_parallel(runs):
 
 
 @pytest.mark.e2e
+@DEFAULT_LINE_ONLY
+@pytest.mark.runs("lora_head", "lora_head_chunked")
 def test_chunked_lm_head_with_lora_on_the_head_packing_and_checkpointing(runs):
     """LoRA on lm_head goes through the chunks (its adapter trains the same as with full logits)."""
     full, chunked = runs.result("lora_head").check(), runs.result("lora_head_chunked").check()
