@@ -120,10 +120,13 @@ def _probes(run) -> list[dict]:
 
 
 def _sharded(engine: str, layout: dict) -> bool:
-    """``layout`` (the probe's record of one weight) is half of the weight on this rank, as ``engine`` holds it."""
+    """``layout`` (the probe's record of one weight) is a shard on this rank, as ``engine`` holds it.
+
+    A shard, not exactly half: the tiny head's row count is odd, so the ranks' shards differ by a row.
+    """
     if engine == "fsdp2":
-        return layout["kind"] == "DTensor" and layout["local_numel"] * 2 == layout["global_numel"]
-    return layout["local_numel"] == 0 and layout["partition_numel"] * 2 == layout["global_numel"]
+        return layout["kind"] == "DTensor" and 0 < layout["local_numel"] < layout["global_numel"]
+    return layout["local_numel"] == 0 and 0 < layout["partition_numel"] < layout["global_numel"]
 
 
 def _assert_engine_ran(engine: str, run, stamped: bool) -> None:

@@ -53,13 +53,9 @@ class LlamaFactoryPSFTTrainer(PSFTTrainerMixin, CustomSeq2SeqTrainer):
         settings = self.configure_psft(self.psft_config)
         type(self).instances += 1
         LOG.info(  # on every rank: each one says what it trains, and on which engine
-            "psft-plugin: rank %d trains loss=%s (%s), refresh every %d optimizer steps after %d warm-up steps, "
-            "log-probs: %s, engine: %s",
+            "psft-plugin: rank %d trains %s; log-probs: %s, engine: %s",
             self.args.process_index,
-            settings.objective.name,
-            dict(settings.resolved),
-            settings.refresh_steps,
-            settings.warmup_steps,
+            settings.summary(),
             self.psft_logprob_path.name,
             self.psft_engine,
         )

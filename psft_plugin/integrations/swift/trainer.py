@@ -57,11 +57,7 @@ class SwiftPSFTTrainer(PSFTTrainerMixin, Seq2SeqTrainer):
         self.compute_loss_func = None
         settings = self.configure_psft(config_from_environment())
         self.compute_loss_func = swift_loss
-        LOG.info(
-            f"psft-plugin: training loss={settings.objective.name} ({dict(settings.resolved)}), refresh every "
-            f"{settings.refresh_steps} optimizer steps after {settings.warmup_steps} warm-up steps, "
-            f"log-probs: {self.psft_logprob_path.name}"
-        )
+        LOG.info(f"psft-plugin: training {settings.summary()}; log-probs: {self.psft_logprob_path.name}")
 
     @override
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 from transformers import Trainer
+from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import entropy_from_logits
 from typing_extensions import override
@@ -28,6 +29,8 @@ from psft_plugin.options import ConfigError
 from psft_plugin.spec import IGNORE_INDEX
 from psft_torch.lm_head import ENTROPY_KEY
 from psft_torch.trainer import PSFTTrainerMixin, aligned_targets
+
+LOG = logging.get_logger(__name__)
 
 
 class _SFTHost(SFTTrainer):
@@ -102,6 +105,7 @@ class PSFTTrainer(PSFTTrainerMixin, _SFTHost):
                 ]
             )
         super().__init__(model, args, *rest, psft_config=args.psft_config(), **kwargs)
+        LOG.info(f"psft-plugin: training {self._psft.summary()}; log-probs: {self.psft_logprob_path.name}")
 
     @override
     def _psft_host_problems(self, config: Mapping[str, Any]) -> list[str]:
