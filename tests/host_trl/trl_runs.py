@@ -38,8 +38,14 @@ COMMON = dict(
     use_cpu=True,
     max_length=128,
     disable_tqdm=True,
+    bf16=False,
 )
-"""Shared by every run: GA 2, 4 optimizer steps, dropout 0 (the tiny model has none).
+"""Shared by every run: GA 2, 4 optimizer steps, dropout 0 (the tiny model has none), float32.
+
+``bf16=False``: TRL's ``SFTConfig`` turns ``bf16`` on by default, which runs the float32 model's
+linear layers under bfloat16 autocast even on CPU. A loss whose gradient differs from TRL's by
+float32 rounding (1e-7 relative) then flips bfloat16 roundings (logits 2**-7 apart one step later):
+with packing, PSFT K = 1 ended 1.8e-5 from TRL's NLL under autocast, 7e-9 without it (float64: 7e-18).
 
 Plain SGD, so that the weights compare the gradients themselves: Adam's first steps move every
 weight by about the learning rate times the sign of its gradient, so float32 rounding in a
