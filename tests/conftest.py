@@ -18,6 +18,17 @@ for key, value in SUITE_ENV.items():  # for a bare `pytest` too (make puts the s
     os.environ.setdefault(key, value)
 
 
+@pytest.fixture(autouse=True)
+def unchanged_environment():
+    """Restore ``os.environ`` after each test, whatever the code under test wrote into it: hosts'
+    entry points set variables in-process (Axolotl's accelerate settings, psft-swift's and
+    psft-llamafactory's configuration), and a CLI launched later would inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     """``(model_dir, data_dir)`` of the offline tiny Llama and its chat data, built once per session."""

@@ -1,4 +1,4 @@
-"""Axolotl tests: every test starts with a fresh Axolotl plugin manager and the same environment.
+"""Axolotl tests: every test starts with a fresh Axolotl plugin manager (and, from tests/conftest.py, the same environment).
 
 ``axolotl.integrations.base.PluginManager`` is a process-wide singleton that keeps every plugin
 registered so far, and Axolotl 0.21 merges all of their args models into each later config. An
@@ -9,18 +9,7 @@ Validating a config in-process also writes the accelerate settings it implies in
 every ``axolotl train`` launched later inherits them: a ZeRO run then trained under FSDP2.
 """
 
-import os
-
 import pytest
-
-
-@pytest.fixture(autouse=True)
-def unchanged_environment():
-    """Restore ``os.environ`` after each test, whatever the code under test wrote into it."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.fixture(autouse=True)

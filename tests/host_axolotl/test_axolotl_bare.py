@@ -17,7 +17,8 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from axolotl_runs import RunPool, config, train
+from axolotl_runs import config, train
+from cli_runs import RunPool
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.e2e, pytest.mark.axolotl_line("0.21")]

@@ -11,7 +11,8 @@ import math
 
 import pytest
 import torch
-from axolotl_runs import RunPool, config, train
+from axolotl_runs import config, train
+from cli_runs import RunPool
 from safetensors.torch import load_file
 
 # DFT trains through the same trainer hooks as PSFT, which run on the 0.19 line too.

@@ -9,7 +9,8 @@ window. Dropout is 0 throughout (the K = 1 identity needs it; see docs/axolotl.m
 import json
 
 import pytest
-from axolotl_runs import RunPool, config, runs_read_by_selected_tests, train
+from axolotl_runs import config, train
+from cli_runs import RunPool, runs_read_by_selected_tests
 from safetensors.torch import load_file
 
 STEPS, K = 6, 3

@@ -28,7 +28,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from axolotl_runs import ROOT, RunPool, config, runs_read_by_selected_tests, train
+from axolotl_runs import ROOT, config, train
+from cli_runs import RunPool, runs_read_by_selected_tests
 from safetensors.torch import load_file
 
 PLUGINS = ["psft_plugin.integrations.axolotl.PSFTPlugin", "psft_engine_probe.EngineProbePlugin"]

@@ -1,22 +1,11 @@
-"""LLaMA-Factory tests: the tiny model and its chat data registered for LLaMA-Factory, and a clean environment.
+"""LLaMA-Factory tests: the tiny model and its chat data registered for LLaMA-Factory.
 
 ``psft-llamafactory`` sets ``DISABLE_VERSION_CHECK`` in ``os.environ`` when it runs in-process (the
-configuration tests); each test gets the environment back as it was.
+configuration tests); tests/conftest.py gives each test the environment back as it was.
 """
-
-import os
 
 import pytest
 from llamafactory_runs import register_dataset
-
-
-@pytest.fixture(autouse=True)
-def unchanged_environment():
-    """Restore ``os.environ`` after each test, whatever the code under test wrote into it."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

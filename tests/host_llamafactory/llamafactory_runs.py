@@ -8,23 +8,19 @@ as a LLaMA-Factory user starts them.
 
 from __future__ import annotations
 
-import ast
 import json
 import os
-import re
 import subprocess
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
+import cli_runs
 import yaml
 
 BIN = Path(sys.executable).parent
 DATASET = "tiny"
-LOG_LINE = re.compile(r"\{'loss': .*?\}")
 BASE = dict(
     stage="sft",
     do_train=True,
@@ -68,27 +64,8 @@ def config(model_dir: Path, data_dir: Path, directory: Path, **overrides: Any) -
     return {key: value for key, value in cfg.items() if value is not None}
 
 
-@dataclass
-class Run:
-    """A finished CLI run: its directory, output and exit code."""
-
-    name: str
-    directory: Path
-    output: str
-    returncode: int
-
-    @property
-    def output_dir(self) -> Path:
-        return self.directory / "out"
-
-    def check(self) -> "Run":
-        assert self.returncode == 0, f"{self.name} failed:\n{self.output[-6000:]}"
-        return self
-
-    def console(self) -> list[dict[str, float]]:
-        """The training log lines printed on the console (``{'loss': '-1', ...}``), in order, as numbers."""
-        lines = [ast.literal_eval(line) for line in LOG_LINE.findall(self.output)]
-        return [{key: float(value) for key, value in line.items()} for line in lines]
+class Run(cli_runs.Run):
+    """A finished ``psft-llamafactory`` / ``llamafactory-cli`` run, with LLaMA-Factory's own log."""
 
     def trainer_log(self) -> list[dict[str, Any]]:
         """LLaMA-Factory's ``trainer_log.jsonl`` (one line per log), in order."""
@@ -125,20 +102,3 @@ def train(
     )
     print(f"{cli} train {name or directory.name}: {time.perf_counter() - start:.0f} s", flush=True)
     return Run(name or directory.name, directory, done.stdout + done.stderr, done.returncode)
-
-
-class RunPool:
-    """Submits runs to two workers; ``result(name)`` waits for one."""
-
-    def __init__(self, workers: int = 2):
-        self.executor = ThreadPoolExecutor(max_workers=workers)
-        self.futures: dict[str, Future] = {}
-
-    def submit(self, name: str, job: Callable[[], Run]) -> None:
-        self.futures[name] = self.executor.submit(job)
-
-    def result(self, name: str) -> Run:
-        return self.futures[name].result()
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=True, cancel_futures=True)

@@ -16,7 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from llamafactory_runs import RunPool, config, train
+from cli_runs import RunPool, max_diff
+from llamafactory_runs import config, train
 from safetensors.torch import load_file
 
 # Only where LLaMA-Factory is installed (the hosts line); deselected on the others.
@@ -46,11 +47,6 @@ def runs(lf_assets, tmp_path_factory):
     pool.close()
 
 
-def _max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys(), "the saved models differ in layout"
-    return max((a[key] - b[key]).abs().max().item() for key in a)
-
-
 @pytest.mark.e2e
 @pytest.mark.parametrize("stage", STAGES)
 def test_k1_equals_llamafactorys_ce_under_zero(runs, stage):
@@ -59,6 +55,6 @@ def test_k1_equals_llamafactorys_ce_under_zero(runs, stage):
         assert f"psft-plugin: rank {rank} trains loss=psft" in k1.output
     assert k1.output.count(f"engine: DEEPSPEED ZeRO-{stage}") == 2
     weights = [load_file(str(run.output_dir / "model.safetensors")) for run in (k1, ce)]
-    diff = _max_diff(*weights)
+    diff = max_diff(*weights)
     print(f"ZeRO-{stage}: psft K=1 vs llamafactory-cli CE, 2 processes: max |dw| = {diff:.3g}")
     assert diff <= 2e-5  # measured 1.0e-5 at lr 1e-2 (Adam scales rounding on near-zero gradients up)

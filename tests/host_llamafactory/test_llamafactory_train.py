@@ -17,7 +17,8 @@ One module-scoped set of runs, two at a time, shared by the assertions:
 from __future__ import annotations
 
 import pytest
-from llamafactory_runs import RunPool, config, train
+from cli_runs import RunPool, max_diff
+from llamafactory_runs import config, train
 from safetensors.torch import load_file
 
 # Only where LLaMA-Factory is installed (the hosts line); deselected on the others.
@@ -62,17 +63,12 @@ def _weights(run, lora: bool = False) -> dict:
     return load_file(str(run.output_dir / name))
 
 
-def _max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a), "the saved weights differ in layout"
-    return max((a[key] - b[key]).abs().max().item() for key in a)
-
-
 @pytest.mark.e2e
 @pytest.mark.parametrize("kind", ["full", "lora"])
 def test_psft_with_refresh_every_step_trains_llamafactorys_weights(runs, kind):
     ce, k1 = runs.result(f"ce-{kind}").check(), runs.result(f"k1-{kind}").check()
     assert "psft-plugin: rank 0 trains loss=psft" in k1.output
-    diff = _max_diff(_weights(k1, kind == "lora"), _weights(ce, kind == "lora"))
+    diff = max_diff(_weights(k1, kind == "lora"), _weights(ce, kind == "lora"))
     print(f"{kind}: psft K=1 vs llamafactory-cli CE, GA 2: max |dw| = {diff:.3g}")
     assert diff <= 1e-5
 
@@ -81,7 +77,7 @@ def test_psft_with_refresh_every_step_trains_llamafactorys_weights(runs, kind):
 def test_the_lm_head_in_chunks_trains_the_same_weights(runs):
     ce, chunked = runs.result("ce-full").check(), runs.result("k1-chunked-head").check()
     assert f"log-probs: LM head in chunks of {CHUNK} tokens" in chunked.output
-    diff = _max_diff(_weights(chunked), _weights(ce))
+    diff = max_diff(_weights(chunked), _weights(ce))
     print(f"psft K=1, LM head in chunks of {CHUNK} vs llamafactory-cli CE: max |dw| = {diff:.3g}")
     assert diff <= 1e-5
     evals = [[line["eval_loss"] for line in run.trainer_log() if "eval_loss" in line] for run in (chunked, ce)]
@@ -92,7 +88,7 @@ def test_the_lm_head_in_chunks_trains_the_same_weights(runs):
 def test_the_runs_trained(runs, lf_assets):
     """The comparisons are not vacuous: training moved the weights far past the tolerance."""
     initial = load_file(str(lf_assets[0] / "model.safetensors"))
-    assert _max_diff(_weights(runs.result("k1-full").check()), initial) > 1e-3
+    assert max_diff(_weights(runs.result("k1-full").check()), initial) > 1e-3
     adapter = _weights(runs.result("k1-lora").check(), lora=True)
     assert max(value.abs().max().item() for key, value in adapter.items() if "lora_B" in key) > 1e-3
 
@@ -110,11 +106,11 @@ def test_eval_loss_stays_the_plain_nll(runs):
 @pytest.mark.e2e
 def test_dft_matches_llamafactorys_use_dft_loss(runs):
     theirs, ours = runs.result("dft-theirs").check(), runs.result("dft-ours").check()
-    diff = _max_diff(_weights(ours), _weights(theirs))
+    diff = max_diff(_weights(ours), _weights(theirs))
     print(f"loss: dft vs use_dft_loss: true (GA 2): max |dw| = {diff:.3g}")
     assert diff <= 1e-5
     # The tolerance tells objectives apart: DFT's weights are far from CE's on the same YAML.
-    assert _max_diff(_weights(ours), _weights(runs.result("ce-full").check())) > 1e-4
+    assert max_diff(_weights(ours), _weights(runs.result("ce-full").check())) > 1e-4
 
 
 @pytest.mark.e2e
@@ -122,13 +118,13 @@ def test_two_processes_train_psft_in_both_ranks_like_one_process(runs):
     one, ddp = runs.result("one-process").check(), runs.result("ddp").check()
     for rank in (0, 1):
         assert f"psft-plugin: rank {rank} trains loss=psft" in ddp.output
-    diff = _max_diff(_weights(ddp), _weights(one))
+    diff = max_diff(_weights(ddp), _weights(one))
     print(f"psft K=4, 2 processes (FORCE_TORCHRUN) vs 1 process: max |dw| = {diff:.3g}")
     # The ranks sum the gradient in another order; Adam's first steps scale a near-zero gradient's
     # rounding up to the learning rate (1e-2, each weight moved ~4e-2): measured 3.8e-5 on a few
     # elements. A rank training another objective, or other rows, moves weights by ~1e-2.
     assert diff <= 1e-4
-    single, double = one.console(), ddp.console()
+    single, double = one.steps(), ddp.steps()
     assert len(single) == len(double) == 4
     for a, b in zip(single, double):
         for key in STEP_KEYS:
@@ -138,7 +134,7 @@ def test_two_processes_train_psft_in_both_ranks_like_one_process(runs):
 @pytest.mark.e2e
 def test_a_window_of_four_steps_clips_and_logs_everywhere(runs):
     run = runs.result("one-process").check()
-    console = run.console()
+    console = run.steps()
     assert console[0]["psft/ratio_max"] == 1.0  # a window's first step reuses its own forward
     assert max(step["psft/clipfrac"] for step in console) > 0
     logged = [line for line in run.trainer_log() if "loss" in line]

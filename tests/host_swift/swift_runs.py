@@ -7,10 +7,9 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file
@@ -95,12 +94,6 @@ class Run:
         return {key: value for path in files for key, value in load_file(path).items()}
 
 
-def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """``max |a - b|`` over every tensor (the two must hold the same names)."""
-    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
-    return max((a[key].float() - b[key].float()).abs().max().item() for key in a)
-
-
 def run(name: str, command: list[str], out: Path, env: Optional[dict[str, str]] = None) -> Run:
     """``command`` (``swift sft ...`` or ``psft-swift sft ...``) in a subprocess, from the venv's bin."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -111,20 +104,3 @@ def run(name: str, command: list[str], out: Path, env: Optional[dict[str, str]] 
     )
     print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
     return Run(name, out, done.stdout + done.stderr, done.returncode)
-
-
-class RunPool:
-    """Two runs at a time; ``result(name)`` waits for one."""
-
-    def __init__(self, workers: int = 2):
-        self.executor = ThreadPoolExecutor(max_workers=workers)
-        self.futures: dict[str, Future] = {}
-
-    def submit(self, name: str, job: Callable[[], Run]) -> None:
-        self.futures[name] = self.executor.submit(job)
-
-    def result(self, name: str) -> Run:
-        return self.futures[name].result()
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=True, cancel_futures=True)

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from swift_runs import RunPool, max_abs_diff, run, tiny_flags
+from cli_runs import RunPool, max_diff
+from swift_runs import run, tiny_flags
 
 pytestmark = [pytest.mark.e2e, pytest.mark.requires("ms-swift")]
 TOLERANCE = 1e-5
@@ -87,7 +88,7 @@ def runs(tiny_assets, tmp_path_factory):
 @pytest.mark.parametrize("tuner", ["full", "lora"])
 def test_psft_with_one_step_windows_trains_the_default_loss_weights(runs, tuner):
     psft, ce = runs.result(f"psft1_{tuner}").check(), runs.result(f"ce_{tuner}").check()
-    assert max_abs_diff(psft.weights(), ce.weights()) <= TOLERANCE
+    assert max_diff(psft.weights(), ce.weights()) <= TOLERANCE
     assert len(psft.logs()) == 4 and all("psft/objective" in line for line in psft.logs())
 
 
@@ -100,8 +101,8 @@ def test_evaluation_reports_plain_nll(runs):
 
 def test_dft_equals_ms_swift_dft_and_differs_from_cross_entropy(runs):
     ours, theirs, ce = (runs.result(name).check() for name in ("dft", "dft_swift", "ce_full"))
-    assert max_abs_diff(ours.weights(), theirs.weights()) <= TOLERANCE
-    assert max_abs_diff(ours.weights(), ce.weights()) > 100 * TOLERANCE  # the comparison can fail
+    assert max_diff(ours.weights(), theirs.weights()) <= TOLERANCE
+    assert max_diff(ours.weights(), ce.weights()) > 100 * TOLERANCE  # the comparison can fail
 
 
 def test_a_config_file_carries_the_keys_and_windows_clip(runs):
@@ -110,13 +111,13 @@ def test_a_config_file_carries_the_keys_and_windows_clip(runs):
     assert len(logs) == 4 and max(line["psft/clipfrac"] for line in logs) > 0
     assert all(line["psft/clipfrac"] == 0 for line in k1.logs())
     assert "psft/clipfrac" in k4.output  # ms-swift's console line
-    assert max_abs_diff(k4.weights(), k1.weights()) > 100 * TOLERANCE
+    assert max_diff(k4.weights(), k1.weights()) > 100 * TOLERANCE
 
 
 def test_two_data_parallel_ranks_train_one_process_weights(runs):
     ddp, single = runs.result("k4_ddp").check(), runs.result("k4").check()
     assert json.loads((ddp.out / "args.json").read_text())["global_world_size"] == 2
-    assert max_abs_diff(ddp.weights(), single.weights()) <= TOLERANCE
+    assert max_diff(ddp.weights(), single.weights()) <= TOLERANCE
     assert [line["psft/clipfrac"] for line in ddp.logs()] == pytest.approx(
         [line["psft/clipfrac"] for line in single.logs()], abs=1e-6
     )
@@ -127,5 +128,5 @@ def test_zero2_psft_with_one_step_windows_trains_the_default_loss_weights(runs):
     for done in (psft, ce):  # the engine ran: each rank saved its ZeRO optimizer partition
         partitions = {path.name for path in done.out.glob("checkpoint-*/global_step*/zero_pp_rank_*_optim_states.pt")}
         assert partitions == {f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)}, partitions
-    assert max_abs_diff(psft.weights(), ce.weights()) <= TOLERANCE
+    assert max_diff(psft.weights(), ce.weights()) <= TOLERANCE
     assert all(line["loss"] < 0 for line in psft.logs()) and all(line["loss"] > 0 for line in ce.logs())

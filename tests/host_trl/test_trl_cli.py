@@ -20,8 +20,9 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from cli_runs import max_diff
 from safetensors.torch import load_file
-from trl_runs import PROBED_TRL, PSFT_TRL, TRL_SFT, cli, cli_config, max_diff
+from trl_runs import PROBED_TRL, PSFT_TRL, TRL_SFT, cli, cli_config
 
 K = 2
 LORA = dict(use_peft=True, lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_target_modules=["q_proj", "v_proj"])

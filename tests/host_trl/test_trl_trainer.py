@@ -22,8 +22,9 @@ that cross the packed sequences' boundaries, end 2e-4 and 8e-3 from TRL's NLL wi
 from __future__ import annotations
 
 import pytest
+from cli_runs import max_diff
 from trl import SFTConfig, SFTTrainer
-from trl_runs import ADAM, max_diff, train
+from trl_runs import ADAM, train
 
 from psft_plugin.integrations.trl import PSFTConfig, PSFTTrainer
 

@@ -8,23 +8,20 @@ several processes, with the test-only CPU engine patches of ``tests/cpu_site`` o
 
 from __future__ import annotations
 
-import ast
 import os
-import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+from cli_runs import Run
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU_SITE = ROOT / "tests" / "cpu_site"
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
-LOG_LINE = re.compile(r"\{'loss': .*?\}")
 COMMON = dict(
     max_steps=4,
     per_device_train_batch_size=2,
@@ -87,35 +84,6 @@ def train(trainer_cls: type, config_cls: type, model_dir: Path, dataset: Any, ou
     trainer.train()
     weights = {name: p.detach().float().clone() for name, p in trainer.model.named_parameters()}
     return weights, trainer.state.log_history, trainer
-
-
-def max_diff(a: dict, b: dict) -> float:
-    """Largest absolute difference between two weight dicts of the same layout."""
-    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a), "the models differ in layout"
-    return max((a[key] - b[key]).abs().max().item() for key in a)
-
-
-@dataclass
-class Run:
-    """A finished CLI run: its directory, output and exit code."""
-
-    name: str
-    directory: Path
-    output: str
-    returncode: int
-
-    @property
-    def output_dir(self) -> Path:
-        return self.directory / "out"
-
-    def steps(self) -> list[dict[str, float]]:
-        """The per-step training log lines printed by rank 0."""
-        lines = [ast.literal_eval(match) for match in LOG_LINE.findall(self.output)]
-        return [{key: float(value) for key, value in line.items()} for line in lines]
-
-    def check(self) -> "Run":
-        assert self.returncode == 0, f"{self.name} failed:\n{self.output[-6000:]}"
-        return self
 
 
 def cli_config(model_dir: Path, data_dir: Path, directory: Path, **settings: Any) -> dict:

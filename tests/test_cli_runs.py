@@ -1,9 +1,9 @@
-"""RunPool (axolotl_runs.py): a run that resumes from another waits for it, and never loses that dependency."""
+"""RunPool (tests/cli_runs.py): a run that resumes from another waits for it, and never loses that dependency."""
 
 import threading
 
 import pytest
-from axolotl_runs import RunPool
+from cli_runs import RunPool
 
 
 def test_a_run_waits_for_the_run_it_resumes_from():
