@@ -34,18 +34,16 @@ PSFT_METRICS = {
     "psft/nll",
     "psft/objective",
 }
-# LoRA with packing, warm-up 1 and K = 2: windows [1, 3) and [3, 4); checkpoint-2 is inside the first.
 # Axolotl auto-enables its Triton LoRA kernels, which need CUDA: off on CPU.
+CPU_LORA = dict(lora_mlp_kernel=False, lora_qkv_kernel=False, lora_o_kernel=False, lora_embedding_kernel=False)
+# LoRA with packing, warm-up 1 and K = 2: windows [1, 3) and [3, 4); checkpoint-2 is inside the first.
 LORA = dict(
     adapter="lora",
     lora_r=8,
     lora_alpha=16,
     lora_dropout=0.0,
     lora_target_linear=True,
-    lora_mlp_kernel=False,
-    lora_qkv_kernel=False,
-    lora_o_kernel=False,
-    lora_embedding_kernel=False,
+    **CPU_LORA,
     sample_packing=True,
     psft_refresh_steps=2,
     psft_warmup_steps=1,
@@ -92,10 +90,7 @@ def runs(request, tiny_assets, tmp_path_factory):
                 lora_alpha=8,
                 lora_dropout=0.0,
                 lora_target_modules=["q_proj", "v_proj", "lm_head"],
-                lora_mlp_kernel=False,
-                lora_qkv_kernel=False,
-                lora_o_kernel=False,
-                lora_embedding_kernel=False,
+                **CPU_LORA,
                 sample_packing=True,
                 gradient_checkpointing=True,
                 max_steps=4,

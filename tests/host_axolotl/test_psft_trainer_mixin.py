@@ -6,42 +6,17 @@ log-probs are stamped only for (K-1)/K of the micro-batches, windows restart at 
 boundaries, warm-up trains CE, evaluation stays CE, metrics reach the log.
 """
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import SequentialSampler
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from in_process import PSFTSequentialTrainer, SequentialTrainer, tokenized_chats, training_args
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
 from psft_plugin import ConfigError, Objective
 from psft_plugin.metrics import combine, prefixed
 from psft_torch.loss import ce_loss
-from psft_torch.trainer import PSFTTrainerMixin, StepMetrics, model_logits
-
-
-class SequentialTrainer(Trainer):
-    """The data order must not depend on the batch split, so the runs are comparable."""
-
-    def _get_train_sampler(self, train_dataset=None):
-        return SequentialSampler(train_dataset or self.train_dataset)
-
-
-class PSFTSequentialTrainer(PSFTTrainerMixin, SequentialTrainer):
-    pass
-
-
-def _examples(tokenizer, data_dir: Path, split: str, count: int) -> list[dict]:
-    """Chat rows tokenized with the prompt masked out (labels -100), ragged lengths."""
-    rows = [json.loads(line) for line in (data_dir / f"{split}.jsonl").read_text().splitlines()[:count]]
-    examples = []
-    for row in rows:
-        prompt = tokenizer.apply_chat_template(row["messages"][:1], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(row["messages"], tokenize=False)
-        prompt_ids, ids = tokenizer(prompt)["input_ids"], tokenizer(full)["input_ids"]
-        examples.append({"input_ids": ids, "labels": [-100] * len(prompt_ids) + ids[len(prompt_ids) :]})
-    return examples
+from psft_torch.trainer import StepMetrics, model_logits
 
 
 def _train(
@@ -66,31 +41,23 @@ def _train(
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if model_hook:
         model_hook(model)
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
+    args = training_args(
+        tmp_path,
         per_device_train_batch_size=batch,
         per_device_eval_batch_size=4,
         gradient_accumulation_steps=accum,
         max_steps=steps,
         num_train_epochs=epochs,
         learning_rate=lr,
-        lr_scheduler_type="constant",
         optim=optim,
-        weight_decay=0.0,
         max_grad_norm=0.0,
-        seed=0,
-        logging_steps=1,
         save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
     )
     kwargs = dict(
         model=model,
         args=args,
-        train_dataset=_examples(tokenizer, data_dir, "train", rows),
-        eval_dataset=_examples(tokenizer, data_dir, "valid", 8),
+        train_dataset=tokenized_chats(tokenizer, data_dir, "train", rows),
+        eval_dataset=tokenized_chats(tokenizer, data_dir, "valid", 8),
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
     )
     if psft_config is None:

@@ -11,41 +11,20 @@ Through ``axolotl train`` (full and LoRA on one process, FSDP2 and ZeRO-3 on two
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import SequentialSampler
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from in_process import PSFTSequentialTrainer, tokenized_chats, training_args
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
 from psft_torch.resume import WINDOW_FILE, load, window_file
-from psft_torch.trainer import PSFTTrainerMixin
 
 STEPS, K, SAVE = 6, 4, 2
 PSFT = {"loss": "psft", "psft_refresh_steps": K}
 WARNING = "was saved inside an old-policy window but its window cannot be restored"
-
-
-class SequentialPSFTTrainer(PSFTTrainerMixin, Trainer):
-    """Sequential data, so that every run reads the same micro-batches in the same order."""
-
-    def _get_train_sampler(self, train_dataset=None):
-        return SequentialSampler(train_dataset or self.train_dataset)
-
-
-def _examples(tokenizer, data_dir: Path, count: int = 24) -> list[dict]:
-    """Chat rows of ragged lengths with the prompt masked out (labels -100)."""
-    rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()[:count]]
-    examples = []
-    for row in rows:
-        prompt = tokenizer.apply_chat_template(row["messages"][:1], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(row["messages"], tokenize=False)
-        prompt_ids, ids = tokenizer(prompt)["input_ids"], tokenizer(full)["input_ids"]
-        examples.append({"input_ids": ids, "labels": [-100] * len(prompt_ids) + ids[len(prompt_ids) :]})
-    return examples
 
 
 def _train(tiny_assets, out: Path, config: dict, resume: str | None = None) -> dict[str, torch.Tensor]:
@@ -54,27 +33,19 @@ def _train(tiny_assets, out: Path, config: dict, resume: str | None = None) -> d
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    args = TrainingArguments(
-        output_dir=str(out),
+    args = training_args(
+        out,
         per_device_train_batch_size=2,
         gradient_accumulation_steps=2,
         max_steps=STEPS,
         learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        seed=0,
-        logging_steps=1,
         save_strategy="steps",
         save_steps=SAVE,
-        report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
     )
-    trainer = SequentialPSFTTrainer(
+    trainer = PSFTSequentialTrainer(
         model=model,
         args=args,
-        train_dataset=_examples(tokenizer, data_dir),
+        train_dataset=tokenized_chats(tokenizer, data_dir, "train", 24),
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         psft_config=config,
     )
