@@ -6,8 +6,9 @@ The runs of this module, two at a time (``python -m psft_plugin.integrations.trl
 - full fine-tuning, ``loss: psft``, ``psft_refresh_steps: 1`` trains the weights of ``trl sft``
   (``loss_type: nll``) on the same YAML;
 - LoRA (``use_peft: true``), K = 2, saves the adapter and logs the ``psft/*`` ratio statistics
-  and TRL's metrics; on 2 processes (DDP, micro-batch 1) it trains the adapter of 1 process (micro-batch 2);
-- FSDP2 on 2 processes: K = 1 trains the weights of ``loss: ce``;
+  and TRL's metrics; on 2 processes started by ``accelerate launch`` (DDP, micro-batch 1) it trains
+  the adapter of 1 process (micro-batch 2);
+- FSDP2 on 2 processes started by ``torchrun``: K = 1 trains the weights of ``loss: ce``;
 - the engine really ran: ``trl_probe`` (the CLI plus a test-only recorder) writes each rank's
   accelerator engine and a ``q_proj`` weight's layout after each step and at each old-policy pass;
   a silent fallback to DDP (accelerate's default on CPU) fails these checks;
@@ -50,16 +51,16 @@ def runs(tiny_assets, tmp_path_factory):
         "trl-sft": (TRL_SFT, 1, dict(loss_type="nll")),
         "full-k1": (PSFT_TRL, 1, dict(loss="psft", psft_refresh_steps=1)),
         "lora-k2": (PSFT_TRL, 1, dict(loss="psft", psft_refresh_steps=K, **LORA)),
-        "lora-k2-ddp": (PROBED_TRL, 2, dict(loss="psft", psft_refresh_steps=K, **LORA, **TWO_RANKS)),
+        "lora-k2-ddp": (PROBED_TRL, 2, dict(loss="psft", psft_refresh_steps=K, **LORA, **TWO_RANKS), "accelerate"),
         "fsdp-ce": (PROBED_TRL, 2, dict(loss="ce", **FSDP2, **TWO_RANKS)),
         "fsdp-k1": (PROBED_TRL, 2, dict(loss="psft", psft_refresh_steps=1, **FSDP2, **TWO_RANKS)),
         "misspelt": (PSFT_TRL, 1, dict(loss="psft", psft_refresh_step=K)),
     }
     executor = ThreadPoolExecutor(max_workers=2)
 
-    def job(name, command, processes, settings):
+    def job(name, command, processes, settings, launcher="torchrun"):
         cfg = cli_config(model_dir, data_dir, root / name, **settings)
-        return cli(root / name, cfg, command, processes, env=ENGINE_ENV if processes > 1 else None)
+        return cli(root / name, cfg, command, processes, env=ENGINE_ENV if processes > 1 else None, launcher=launcher)
 
     futures = {name: executor.submit(job, name, *spec) for name, spec in jobs.items()}
     yield futures

@@ -2,8 +2,9 @@
 
 In process: :func:`train` builds TRL's own ``SFTTrainer`` (the oracle) or our ``PSFTTrainer`` on
 the tiny model with the same :data:`COMMON` settings and returns the trained weights and the log.
-Subprocess: :func:`cli` runs ``psft-trl`` (or ``trl sft``) on a YAML, through ``torchrun`` for
-several processes, with the test-only CPU engine patches of ``tests/cpu_site`` on the path.
+Subprocess: :func:`cli` runs ``psft-trl`` (or ``trl sft``) on a YAML, through ``torchrun`` or
+``accelerate launch`` for several processes, with the test-only CPU engine patches of
+``tests/cpu_site`` on the path.
 """
 
 from __future__ import annotations
@@ -67,6 +68,13 @@ GENERATION_TEMPLATE = (
 """The tiny model's ChatML with ``{% generation %}`` markers, which ``assistant_only_loss`` needs."""
 
 
+LAUNCHERS = {
+    "torchrun": lambda processes: [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={processes}"],
+    "accelerate": lambda processes: [str(BIN / "accelerate"), "launch", "--multi_gpu", f"--num_processes={processes}"],
+}
+"""The argv before ``-m module`` that starts ``processes`` ranks on this machine."""
+
+
 def train(trainer_cls: type, config_cls: type, model_dir: Path, dataset: Any, out: Path, **settings: Any):
     """Train in process; returns ``(weights, log_history, trainer)`` with the weights as float32 copies."""
     import torch
@@ -101,10 +109,13 @@ def cli(
     command: tuple[str, ...] = PSFT_TRL,
     processes: int = 1,
     env: Optional[dict[str, str]] = None,
+    launcher: str = "torchrun",
 ) -> Run:
-    """``<command> --config cfg.yaml`` in a subprocess; ``torchrun`` (gloo) for several processes.
+    """``<command> --config cfg.yaml`` in a subprocess; several processes (gloo) through ``launcher``.
 
     ``command``: the argv before ``--config``; for several processes it must start with ``python -m``.
+    ``launcher``: ``"torchrun"`` or ``"accelerate"`` (``accelerate launch --multi_gpu``, which on a
+    machine without GPUs starts the same gloo ranks, accelerate's ``MULTI_CPU``).
     """
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "cfg.yaml"
@@ -122,8 +133,9 @@ def cli(
     argv = [*command, "--config", str(path)]
     if processes > 1:
         assert command[:2] == (sys.executable, "-m"), command
-        full_env["ACCELERATE_USE_CPU"] = "true"  # accelerate joins torchrun's gloo group on CPU only with it
-        argv = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={processes}", *argv[1:]]
+        argv = [*LAUNCHERS[launcher](processes), *argv[1:]]
+        if launcher == "torchrun":
+            full_env["ACCELERATE_USE_CPU"] = "true"  # accelerate joins torchrun's gloo group on CPU only with it
     start = time.perf_counter()
     done = subprocess.run(argv, cwd=directory, env=full_env, capture_output=True, text=True, timeout=600)
     print(f"{Path(command[-1]).name} {directory.name}: {time.perf_counter() - start:.0f} s", flush=True)
