@@ -11,7 +11,7 @@ import pytest
 
 from psft_plugin import mlx_train
 from psft_plugin.mlx_train.config import resolve_config
-from psft_plugin.mlx_train.run import run
+from psft_plugin.mlx_train.run import ADAPTER_FILE, run, start_notes
 
 TINY_YAML = "configs/mlx/tiny.yaml"
 
@@ -156,3 +156,23 @@ def test_user_mistakes_exit_2_with_the_fix_and_no_traceback(run_cli, tiny, tmp_p
         assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, case
         for word in words:
             assert word in result.stderr, (case, word, result.stderr)
+
+
+@pytest.mark.parametrize(
+    "earlier_adapters, resume, said",
+    [(True, False, True), (False, False, False), (True, True, False)],
+    ids=["into-earlier-adapters", "into-a-fresh-folder", "resuming"],
+)
+def test_training_into_an_earlier_runs_adapters_says_it_replaces_them(tmp_path, earlier_adapters, resume, said):
+    """Asked to train into a folder that holds adapters, the run says before writing that it replaces them."""
+    if earlier_adapters:
+        (tmp_path / ADAPTER_FILE).write_bytes(b"earlier")
+    resume_file = str(tmp_path / ADAPTER_FILE) if resume else None
+    cfg = types.SimpleNamespace(
+        grad_accumulation_steps=1, iters=4, adapter_path=str(tmp_path), resume_adapter_file=resume_file
+    )
+    lines: list[str] = []
+    start_notes(cfg, lines.append)
+    text = " ".join(" ".join(lines).split())
+    assert ("holds an earlier run's adapters: this run trains into it, replacing them" in text) == said
+    assert (tmp_path / ADAPTER_FILE).exists() == earlier_adapters  # nothing written by the notes
