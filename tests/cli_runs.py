@@ -43,6 +43,28 @@ def max_diff(a: dict, b: dict) -> float:
     return max((a[key].float() - b[key].float()).abs().max().item() for key in a)
 
 
+def assert_zero3_sharded(step_dir: Path, model: dict) -> None:
+    """DeepSpeed ZeRO-3 held the weights of ``model`` (the saved full weights) in shards on 2 ranks.
+
+    Read from a checkpoint's ``global_stepN`` folder ``step_dir``: each rank's
+    ``zero_pp_rank_R_mp_rank_00_model_states.pt`` keeps every module weight empty (0 elements, the
+    shapes in ``param_shapes``; ZeRO-2 writes one whole ``mp_rank_00_model_states.pt`` instead), and
+    each rank's ``..._optim_states.pt`` its fp32 partition: a part of the model's elements, the two
+    partitions together all of them.
+    """
+    import torch
+
+    total = sum(weight.numel() for weight in model.values())
+    parts = []
+    for rank in (0, 1):
+        states = torch.load(step_dir / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt", weights_only=False)
+        assert states["dp_world_size"] == 2 and set(states["module"]) == set(model)
+        assert all(weight.numel() == 0 for weight in states["module"].values())
+        optim = torch.load(step_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", weights_only=False)
+        parts.append(sum(group.numel() for group in optim["optimizer_state_dict"]["fp32_flat_groups"]))
+    assert all(0 < part < total for part in parts) and sum(parts) >= total, (parts, total)
+
+
 def runs_read_by_selected_tests(request: Any) -> set[str]:
     """The runs named by ``@pytest.mark.runs(...)`` on the selected tests of ``request``'s module.
 

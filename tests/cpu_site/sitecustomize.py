@@ -1,9 +1,10 @@
 """Test-only patches that let the real engines run on a CPU-only machine (never product code).
 
-The test harness puts this folder first on ``PYTHONPATH`` of every ``axolotl train`` it starts,
-so Python imports this module at start-up in every process of the run (the CLI, accelerate's
-launcher, each torchrun rank). Each patch is applied lazily, right after the module it changes
-is imported, and each names the upstream code it works around. On a GPU none of them is needed.
+The test harness puts this folder first on ``PYTHONPATH`` of the host CLIs it starts (``axolotl
+train``, ``llamafactory-cli train``, ...), so Python imports this module at start-up in every
+process of the run (the CLI, accelerate's launcher, each torchrun rank). Each patch is applied
+lazily, right after the module it changes is imported, and each names the upstream code it works
+around. On a GPU none of them is needed.
 
 Always on:
 
@@ -26,6 +27,15 @@ With ``PSFT_TEST_CPU_ENGINE=1`` (the engine tests):
 - ``accelerate.parallelism_config.ParallelismConfig.build_device_mesh`` is called with a hard-coded
   ``"cuda"`` by Axolotl's ``axolotl.utils.distributed.build_parallelism_config``; without CUDA the
   mesh is built on ``"cpu"`` (gloo) instead.
+- ``deepspeed.runtime.zero.partition_parameters.Init.__init__`` (``deepspeed.zero.Init``, which
+  transformers' ``from_pretrained`` enters for a ZeRO-3 model) reads the world size from
+  ``deepspeed.comm`` in ``DeepSpeedConfig`` before it initialises ``deepspeed.comm`` itself; not yet
+  initialised, it counts one process and the batch check fails (``train_batch_size is not equal to
+  micro_batch_per_gpu * gradient_acc_step * world_size 4 != 1 * 2 * 1``). On a GPU,
+  ``TrainingArguments._setup_devices`` has accelerate's ``PartialState`` initialise ``deepspeed.comm``
+  while the training arguments are built (``ACCELERATE_USE_DEEPSPEED``); under ``cpu=True`` it only
+  creates torch's gloo group. LLaMA-Factory loads the model before its trainer exists (plain
+  ``llamafactory-cli train`` too), so ``deepspeed.comm`` is initialised over that group first.
 """
 
 from __future__ import annotations
@@ -92,6 +102,20 @@ def _accelerate_parallelism(module) -> None:
     module.ParallelismConfig.build_device_mesh = build_device_mesh
 
 
+def _deepspeed_zero_init(module) -> None:
+    original = module.Init.__init__
+
+    def __init__(self, *args, **kwargs):
+        import torch.distributed
+        from deepspeed import comm
+
+        if torch.distributed.is_initialized() and not comm.is_initialized():
+            comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+        original(self, *args, **kwargs)
+
+    module.Init.__init__ = __init__
+
+
 def _hide_our_axolotl_entry_point() -> None:
     from importlib import metadata
 
@@ -111,7 +135,13 @@ if os.environ.get("PSFT_TEST_HIDE_AXOLOTL_ENTRY_POINT") == "1":
 
 PATCHES: dict[str, Callable] = {"torch.cuda": _torch_cuda}
 if os.environ.get("PSFT_TEST_CPU_ENGINE") == "1":
-    PATCHES.update({"accelerate.state": _accelerate_state, "accelerate.parallelism_config": _accelerate_parallelism})
+    PATCHES.update(
+        {
+            "accelerate.state": _accelerate_state,
+            "accelerate.parallelism_config": _accelerate_parallelism,
+            "deepspeed.runtime.zero.partition_parameters": _deepspeed_zero_init,
+        }
+    )
 
 
 class _PatchAfterImport(importlib.abc.MetaPathFinder):

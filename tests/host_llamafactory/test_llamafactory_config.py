@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import subprocess
 from importlib import metadata
-from pathlib import Path
 
 import pytest
 import yaml
@@ -19,8 +18,6 @@ from psft_plugin.integrations.llamafactory import cli
 
 # Only where LLaMA-Factory is installed (the hosts line); deselected on the others.
 pytestmark = pytest.mark.requires("llamafactory")
-
-ZERO3 = Path(__file__).resolve().parents[2] / "configs" / "axolotl" / "deepspeed" / "zero3.json"
 
 CASES = {
     "misspelt LLaMA-Factory key": (dict(lora_rnak=8), ["unknown key `lora_rnak` (did you mean `lora_rank`?)"]),
@@ -46,10 +43,6 @@ CASES = {
         ["`enable_liger_kernel: true`", "set `enable_liger_kernel: false`", "psft_lm_head_chunk_size"],
     ),
     "stage other than sft": (dict(loss="psft", stage="pt"), ["`stage: pt`", "set `stage: sft`"]),
-    "DeepSpeed ZeRO-3": (
-        dict(loss="psft", deepspeed=str(ZERO3)),
-        ["cannot run with DeepSpeed ZeRO-3", "use a ZeRO-2 config"],
-    ),
     "LLaMA-Factory's own check": (
         dict(loss="psft", dataset=None),
         ["LLaMA-Factory: Please specify dataset for training."],

@@ -32,7 +32,6 @@ BASE = ["--model", "m", "--dataset", "d.jsonl", "--tuner_type", "lora"]
         (["--loss_type", "psft", "--use_liger_kernel", "true"], ["--use_liger_kernel true", "psft_lm_head_chunk_size"]),
         (["--loss_type", "psft", "--sequence_parallel_size", "2"], ["--sequence_parallel_size 2", "NPROC_PER_NODE"]),
         (["--loss_type", "psft", "--enable_dft_loss", "true"], ["--enable_dft_loss true", "--loss_type dft"]),
-        (["--loss_type", "psft", "--deepspeed", "zero3"], ["--deepspeed zero3", "ZeRO-3", "--deepspeed zero2"]),
         (["--loss_type", "psft", "--loss_scale", "last_round"], ["--loss_scale last_round", "default"]),
     ],
 )

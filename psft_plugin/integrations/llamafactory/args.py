@@ -6,8 +6,7 @@ argument parser accepts no key it does not know, so every unknown key is reporte
 closest key of either side (``lora_rnak`` -> ``lora_rank``, ``psft_refresh_step`` ->
 ``psft_refresh_steps``). Handed in as the host's problems: LLaMA-Factory's own checks of its keys
 (its argument parser, and in the training process its ``get_train_args``), and the settings the
-PSFT trainer cannot run with (:data:`UNSUPPORTED`, :data:`UNSUPPORTED_ENV`, ``stage``, DeepSpeed
-ZeRO-3: :data:`ZERO3_FIX`).
+PSFT trainer cannot run with (:data:`UNSUPPORTED`, :data:`UNSUPPORTED_ENV`, ``stage``).
 
 A YAML that sets neither ``loss`` nor an objective option is LLaMA-Factory's own run: it trains
 with LLaMA-Factory's trainer, untouched (:func:`claims`).
@@ -16,7 +15,6 @@ with LLaMA-Factory's trainer, untouched (:func:`claims`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
@@ -34,7 +32,7 @@ UNSUPPORTED = {
     "no logits; set `enable_liger_kernel: false` and get the memory back with `psft_lm_head_chunk_size: 1024` "
     "(no [B, T, V] logits either)",
     "use_hyper_parallel": "HyperParallel trains with its own workflow, not LLaMA-Factory's SFT trainer; "
-    "remove `use_hyper_parallel` (data parallel and DeepSpeed ZeRO-2 are supported)",
+    "remove `use_hyper_parallel` (data parallel and DeepSpeed ZeRO-2/3 are supported)",
 }
 # Environment variables that move training where the PSFT trainer is not: variable -> the fix.
 UNSUPPORTED_ENV = {
@@ -44,26 +42,6 @@ UNSUPPORTED_ENV = {
     "USE_V1": "LLaMA-Factory's v1 trainer is not hosted; unset USE_V1",
 }
 STAGE = "sft"
-ZERO3_FIX = (
-    "PSFT through LLaMA-Factory is tested with DeepSpeed ZeRO-2 only: on CPU, LLaMA-Factory loads the model under "
-    "ZeRO-3's `zero.Init` before the trainer starts DeepSpeed, which our engine test cannot reproduce, so this "
-    "combination is unproven; use a ZeRO-2 config (`zero_optimization.stage: 2`) or plain data parallel"
-)
-
-
-def zero_stage(deepspeed: Any) -> Optional[int]:
-    """The ZeRO stage of a ``deepspeed:`` value (a JSON file's path or a mapping), ``None`` if unreadable.
-
-    An unreadable value is LLaMA-Factory's (and DeepSpeed's) to report.
-    """
-    if isinstance(deepspeed, str) and os.path.isfile(deepspeed):
-        try:
-            with open(deepspeed, encoding="utf-8") as file:
-                deepspeed = json.load(file)
-        except (OSError, ValueError):
-            return None
-    stage = deepspeed.get("zero_optimization", {}).get("stage") if isinstance(deepspeed, Mapping) else None
-    return stage if isinstance(stage, int) else None
 
 
 @dataclass(frozen=True)
@@ -141,8 +119,6 @@ def unsupported_problems(config: Mapping[str, Any]) -> list[str]:
             f"{loss} cannot run with `stage: {stage}`: psft-plugin trains the supervised stage; set "
             f"`stage: {STAGE}` or use `llamafactory-cli train` without `loss:`"
         )
-    if zero_stage(config.get("deepspeed")) == 3:
-        problems.append(f"{loss} cannot run with DeepSpeed ZeRO-3 (`deepspeed: {config['deepspeed']}`): {ZERO3_FIX}")
     problems += [
         f"{loss} cannot run with the environment variable {name}={os.environ[name]}: {fix}"
         for name, fix in UNSUPPORTED_ENV.items()

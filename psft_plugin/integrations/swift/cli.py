@@ -83,16 +83,6 @@ def split(parsed: list[tuple[str, list[str]]]) -> tuple[dict[str, Any], list[tup
     return ours, theirs
 
 
-def zero_stage(value: str) -> Optional[int]:
-    """The ZeRO stage of a ``--deepspeed`` value: ms-swift's shipped names (``zero3_offload``) or a JSON file."""
-    if value.startswith("zero") and value[4:5].isdigit():
-        return int(value[4])
-    path = Path(value)
-    if path.suffix == ".json" and path.is_file():
-        return json.loads(path.read_text()).get("zero_optimization", {}).get("stage")
-    return None
-
-
 def swift_problems(theirs: list[tuple[str, list[str]]], loss: str) -> list[str]:
     """The ms-swift settings ``--loss_type loss`` cannot train with, each with its fix."""
     given = {name: " ".join(values) for name, values in theirs}
@@ -101,11 +91,6 @@ def swift_problems(theirs: list[tuple[str, list[str]]], loss: str) -> list[str]:
         for flag, (kept, fix) in REFUSED_FLAGS.items()
         if flag in given and given[flag].lower() not in kept
     ]
-    if zero_stage(given.get("deepspeed", "")) == 3:
-        problems.append(
-            f"`--deepspeed {given['deepspeed']}` cannot train `--loss_type {loss}` yet: ZeRO-3 through "
-            f"ms-swift is not verified (ZeRO-2 is); use `--deepspeed zero2` or `NPROC_PER_NODE` data parallel"
-        )
     if LOSS_FLAG in given:
         problems.append(f"`--loss_type` is given twice (`{loss}` and `{given[LOSS_FLAG]}`); keep one")
     return problems
