@@ -58,8 +58,8 @@ class _SFTHost(SFTTrainer):
         mode = "train" if self.model.training else "eval"
         gather = self.accelerator.gather_for_metrics
         if labels is not None:
-            mask = aligned_targets(labels) != IGNORE_INDEX
             targets = aligned_targets(labels)
+            mask = targets != IGNORE_INDEX
             logits = outputs.get("logits")
             tokens = gather(mask.sum()).sum()
             if logits is not None and logits.dim() == 3:
